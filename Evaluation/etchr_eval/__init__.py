@@ -1,0 +1,1 @@
+"""etchr_eval: the Edit-Verify-Reason evaluation of ETCHR (Evaluation/ tree)."""

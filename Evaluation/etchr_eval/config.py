@@ -1,0 +1,178 @@
+"""Evaluation config: the schema (dataclasses), loading (schema -> YAML -> CLI overrides), saving.
+
+Every field has a default and a comment with its unit. Loading fails on an unknown key, a wrong type
+or a missing required value with a message naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and the file) and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class EditorConfig:
+    pipe_path: str = MISSING  # diffusers FLUX.2-klein pipeline dir (base, SFT-merged or RL-merged)
+    lora_path: Optional[str] = None  # optional LoRA .safetensors on top (diffusers or DiffSynth naming)
+    lora_scale: float = 1.0  # multiplier on top of the file's alpha/rank
+    device: str = "auto"  # "auto" = cuda:LOCAL_RANK if available else cpu
+    dtype: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or bf16 / fp16 / fp32
+    steps: int = 40  # denoising steps (reference: 40)
+    guidance: float = 3.5  # real CFG scale with "" as negative prompt (reference: 3.5)
+    seed: int = 126  # base seed (reference: 126)
+    per_item_seed: bool = True  # seed each item from (seed, item id); False = the same seed everywhere
+    max_area: int = 1024 * 1024  # pixels; output area cap with the aspect ratio kept
+    multiple_of: int = 16  # pixels; output sides are multiples of this
+    size_mode: str = "keep_aspect"  # keep_aspect | reference_clamp (min(W,1024), min(H,1024) per side)
+    max_sequence_length: int = 512  # text tokens (FLUX.2-klein pads to 512)
+
+
+@dataclass
+class MLLMConfig:
+    endpoints: list = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])  # OpenAI base URLs
+    model: str = "Qwen/Qwen3-VL-8B-Instruct"  # model name sent in each request
+    api_key_env: str = "ETCHR_MLLM_API_KEY"  # environment variable holding the key ("EMPTY" if unset)
+    concurrency: int = 32  # requests in flight at once, over all endpoints
+    timeout_s: float = 300.0  # seconds per request
+    max_retries: int = 3  # retries after the first try (network errors, 5xx, malformed replies)
+    backoff_s: float = 1.0  # seconds; doubles per retry
+    temperature: float = 0.0  # verify and reason sampling temperature
+    verify_max_tokens: int = 4096  # tokens
+    reason_max_tokens: int = 4096  # tokens
+
+
+@dataclass
+class TaskConfig:
+    path: str = MISSING  # data file (parquet / jsonl) in the task's public schema
+    limit: Optional[int] = None  # evaluate only the first N items
+
+
+@dataclass
+class EvalConfig:
+    run_dir: str = "runs/eval"  # results.jsonl, tables, report.html, config.yaml go here
+    tasks: Dict[str, TaskConfig] = field(default_factory=dict)  # task name -> data (see the task registry)
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    judge: Optional[MLLMConfig] = None  # judge for judge-graded tasks (CharXiv); None = use mllm
+    baseline: bool = True  # also score the no-edit baseline in the same run
+    edit_cache_dir: Optional[str] = None  # None = <run_dir>/edit_cache; share it across runs
+    retry_failed: bool = True  # a rerun retries items whose record is a failure
+    report_html: bool = True  # write report.html with thumbnails
+    wandb: bool = False  # mirror metrics to wandb
+    wandb_project: str = "etchr-eval"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """`--config FILE a.b=c ...` -> (FILE, ["a.b=c", ...]). Anything else is an error."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML path")
+            config_path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE and key=value overrides")
+        i += 1
+    return config_path, overrides
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    if key:
+        return ConfigError(f"{source}: bad config key '{key}': {msg}")
+    return ConfigError(f"{source}: {msg}")
+
+
+def load_config(schema: type, yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                *, validate=None) -> DictConfig:
+    """Schema defaults <- YAML file <- `a.b=c` overrides; typed, strict, with clear errors."""
+    cfg = OmegaConf.structured(schema)
+    if yaml_path is not None:
+        if not os.path.isfile(yaml_path):
+            raise ConfigError(f"config file not found: {yaml_path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml_path))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, yaml_path) from None
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, "command-line override") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        where = yaml_path or "the config"
+        raise ConfigError(f"{where}: required value missing for key(s) {', '.join(missing)} "
+                          f"(set it in the YAML or pass {missing[0]}=...)")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, yaml_path or "config") from None
+    if validate is not None:
+        validate(cfg)
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: DictConfig, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config into the run dir (atomically)."""
+    from .runtime import atomic_write_text
+
+    path = Path(run_dir) / name
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation beyond types: ranges and choices, with the fix in the message.
+# ----------------------------------------------------------------------------------------------
+def validate_eval(cfg: DictConfig) -> None:
+    e = cfg.editor
+    if e.size_mode not in ("keep_aspect", "reference_clamp"):
+        raise ConfigError(f"editor.size_mode={e.size_mode!r}: use keep_aspect or reference_clamp")
+    if e.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"editor.dtype={e.dtype!r}: use auto, bf16, fp16 or fp32")
+    if e.steps < 1:
+        raise ConfigError(f"editor.steps={e.steps}: must be >= 1")
+    if e.multiple_of < 16 or e.multiple_of % 16:
+        raise ConfigError(f"editor.multiple_of={e.multiple_of}: must be a multiple of 16 (VAE 8x + 2x2 patch)")
+    if e.max_area < 64 * 64:
+        raise ConfigError(f"editor.max_area={e.max_area}: must be >= 4096 pixels (64x64)")
+    for section in ("mllm",) + (("judge",) if cfg.judge is not None else ()):
+        m = cfg[section]
+        if not m.endpoints:
+            raise ConfigError(f"{section}.endpoints is empty: list at least one OpenAI base URL")
+        if m.concurrency < 1 or m.max_retries < 0 or m.timeout_s <= 0:
+            raise ConfigError(f"{section}: concurrency >= 1, max_retries >= 0 and timeout_s > 0 are required")
+    for name, task in cfg.tasks.items():
+        if task.limit is not None and task.limit < 1:
+            raise ConfigError(f"tasks.{name}.limit={task.limit}: must be >= 1 or null")
+
+
+def load_eval_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:
+    return load_config(EvalConfig, yaml_path, overrides, validate=validate_eval)

@@ -1,0 +1,181 @@
+"""Run-time helpers of the Evaluation tree: rank-0 handling, logging, metrics.jsonl, wandb, progress.
+
+Each tree keeps its own copy of this small module (DESIGN.md: the trees share files on disk, never
+code); the copies are tested against the same behaviour in each tree's tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks. Read from the launcher's environment so this works before/without torch.distributed.
+# ----------------------------------------------------------------------------------------------
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only, flushed (logs of multi-process runs interleave otherwise)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    """Synchronise ranks when torch.distributed is initialised; a no-op otherwise."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def get_logger(name: str = "etchr_eval") -> logging.Logger:
+    """A logger that prints INFO on rank 0 and only WARNING+ on the other ranks, with a rank tag."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        tag = f"[rank{rank()}] " if world_size() > 1 else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
+                                               datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if is_main() else logging.WARNING)
+    return logger
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: write to a temp file in the same folder, then rename, so no reader sees half a file.
+# ----------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def git_sha(default: str = "unknown") -> str:
+    """The commit of the checkout this code runs from (recorded in results and meta.json)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else default
+    except (OSError, subprocess.SubprocessError):
+        return default
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl always (rank 0), wandb when enabled (WANDB_MODE=offline in tests).
+# ----------------------------------------------------------------------------------------------
+class MetricsWriter:
+    """Appends one JSON object per `log` call to `<run_dir>/metrics.jsonl`; mirrors to wandb if asked.
+
+    Only rank 0 writes. Each line carries `step` and wall-clock `time`; values must be JSON numbers,
+    strings or bools (tensors are converted with float()).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, wandb_enabled: bool = False,
+                 wandb_project: str = "etchr", wandb_run_name: str | None = None,
+                 config: dict | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._wandb = None
+        self._file = None
+        if not is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if wandb_enabled:
+            import wandb  # imported lazily: optional at run time
+
+            self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
+                                     dir=str(Path(run_dir)))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._file is None:
+            return
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        for key, value in metrics.items():
+            if hasattr(value, "item"):
+                value = value.item()
+            row[key] = value
+        self._file.write(json.dumps(row, default=str) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: tqdm with rate and ETA on rank 0, silent elsewhere.
+# ----------------------------------------------------------------------------------------------
+def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
+             unit: str = "it", initial: int = 0) -> Iterator[T]:
+    """A tqdm bar showing count, rate and ETA; disabled on ranks other than 0.
+
+    In a non-interactive log (CI, nohup) the bar still prints, at most every 5 seconds.
+    """
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=not is_main(),
+                dynamic_ncols=True, mininterval=0.1 if interactive else 5.0,
+                bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")

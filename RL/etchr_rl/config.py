@@ -1,0 +1,221 @@
+"""RL config: the schema (dataclasses), loading (schema -> YAML -> CLI overrides), saving.
+
+Every field has a default and a comment with its unit. Loading fails on an unknown key, a wrong type
+or a missing required value with a message naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and the file) and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+# RL LoRA targets (PROTOCOL.md section 2): the SFT list without the single blocks' attn.to_out.
+REFERENCE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                          "to_add_out", "linear_in", "linear_out", "to_qkv_mlp_proj"]
+
+
+@dataclass
+class ModelConfig:
+    pretrained_path: str = MISSING  # merged SFT pipeline dir (CHECKPOINTS.md)
+    dtype: str = "bf16"  # bf16 | fp32
+    gradient_checkpointing: bool = True
+    max_sequence_length: int = 512  # text tokens
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64  # reference: 64
+    alpha: float = 128.0  # reference: 128 (scale 2); recorded in every checkpoint
+    targets: list = field(default_factory=lambda: list(REFERENCE_LORA_TARGETS))
+
+
+@dataclass
+class DataConfig:
+    jsonl: str = MISSING  # prepared GRPO JSONL (RL/prepare_data.py)
+    root: str = ""  # image paths are relative to this folder ("" = the JSONL's folder)
+    resize: str = "keep_aspect"  # keep_aspect (as Evaluation) | center_crop (reference 720x720 square)
+    max_area: int = 720 * 720  # pixels
+    size: int = 720  # pixels; side of the square in center_crop mode
+
+
+@dataclass
+class SamplingConfig:
+    group_size: int = 8  # G samples per prompt
+    steps: int = 25  # S sampling steps
+    shift: float = 3.0  # sigma_k = shift u / (1 + (shift - 1) u)
+    eta: float = 0.7  # SDE noise level
+    timestep_fraction: float = 0.6  # fraction of the S-1 transitions trained per sample (0.6 -> 14)
+    guidance: float = 1.0  # no CFG during rollouts
+    same_init_noise_in_group: bool = False  # True = one initial noise per group
+    batch_group: bool = True  # sample a group as one batch when memory allows
+
+
+@dataclass
+class JudgeConfig:
+    endpoints: list = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])  # OpenAI base URLs
+    model: str = "Qwen/Qwen3-VL-8B-Instruct"
+    api_key_env: str = "ETCHR_JUDGE_API_KEY"  # environment variable holding the key
+    concurrency: int = 64  # requests in flight at once
+    timeout_s: float = 120.0  # seconds per request
+    max_retries: int = 3
+    backoff_s: float = 1.0  # seconds; doubles per retry
+    max_failure_rate: float = 0.2  # abort when the judge fails on more than this fraction of a step
+
+
+@dataclass
+class RewardConfig:
+    weights: dict = field(default_factory=lambda: {"guidance": 0.5, "correctness": 0.5})  # name -> weight
+    correctness_images: str = "original_and_edited"  # original_and_edited | edited_only (reference)
+    gdpo: bool = True  # renormalise advantages across all ranks
+    adv_clip: float = 5.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # reference: 1e-5
+    weight_decay: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    clip_range: float = 1e-4  # ratio clip epsilon
+    kl_coef: float = 0.0  # KL to the LoRA-disabled model (0 = off, as the reference)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/rl"
+    prompts_per_step: int = 1  # prompts (groups) per GPU per rollout phase
+    grad_accum: int = 4  # reference: 4 (2 optimizer steps per group)
+    max_steps: int = 1000  # optimizer steps
+    seed: int = 42
+    checkpoint_every: int = 50  # optimizer steps; the final step is always saved
+    keep_last: int = 3
+    log_every: int = 1
+    resume: str = "auto"  # auto | never | <checkpoint dir>
+
+
+@dataclass
+class RLConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: bool = False
+    wandb_project: str = "etchr-rl"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """`--config FILE a.b=c ...` -> (FILE, ["a.b=c", ...]). Anything else is an error."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML path")
+            config_path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE and key=value overrides")
+        i += 1
+    return config_path, overrides
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    if key:
+        return ConfigError(f"{source}: bad config key '{key}': {msg}")
+    return ConfigError(f"{source}: {msg}")
+
+
+def load_config(schema: type, yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                *, validate=None) -> DictConfig:
+    """Schema defaults <- YAML file <- `a.b=c` overrides; typed, strict, with clear errors."""
+    cfg = OmegaConf.structured(schema)
+    if yaml_path is not None:
+        if not os.path.isfile(yaml_path):
+            raise ConfigError(f"config file not found: {yaml_path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml_path))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, yaml_path) from None
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, "command-line override") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        where = yaml_path or "the config"
+        raise ConfigError(f"{where}: required value missing for key(s) {', '.join(missing)} "
+                          f"(set it in the YAML or pass {missing[0]}=...)")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, yaml_path or "config") from None
+    if validate is not None:
+        validate(cfg)
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: DictConfig, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config into the run dir (atomically)."""
+    from .runtime import atomic_write_text
+
+    path = Path(run_dir) / name
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation beyond types: ranges and choices, with the fix in the message.
+# ----------------------------------------------------------------------------------------------
+def validate_rl(cfg: DictConfig) -> None:
+    s = cfg.sampling
+    if s.group_size < 2:
+        raise ConfigError(f"sampling.group_size={s.group_size}: GRPO needs >= 2 samples per group")
+    if s.steps < 2 or not 0 < s.timestep_fraction <= 1:
+        raise ConfigError("sampling.steps >= 2 and 0 < sampling.timestep_fraction <= 1 are required")
+    if cfg.data.resize not in ("keep_aspect", "center_crop"):
+        raise ConfigError(f"data.resize={cfg.data.resize!r}: use keep_aspect or center_crop")
+    if cfg.reward.correctness_images not in ("original_and_edited", "edited_only"):
+        raise ConfigError(f"reward.correctness_images={cfg.reward.correctness_images!r}: "
+                          "use original_and_edited or edited_only")
+    if not cfg.reward.weights:
+        raise ConfigError("reward.weights is empty: give at least one reward name -> weight")
+    if not cfg.judge.endpoints:
+        raise ConfigError("judge.endpoints is empty: list at least one OpenAI base URL")
+    if not 0 <= cfg.judge.max_failure_rate <= 1:
+        raise ConfigError("judge.max_failure_rate must lie in [0, 1]")
+
+
+def load_rl_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:
+    return load_config(RLConfig, yaml_path, overrides, validate=validate_rl)

@@ -1,0 +1,199 @@
+"""SFT config: the schema (dataclasses), loading (schema -> YAML -> CLI overrides), saving.
+
+Every field has a default and a comment with its unit. Loading fails on an unknown key, a wrong type
+or a missing required value with a message naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and the file) and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+# The reference recipe's 144 LoRA targets (PROTOCOL.md section 1): these module-name suffixes in the
+# double-stream and single-stream blocks, plus `single_transformer_blocks.{i}.attn.to_out` (a bare
+# `to_out` makes peft fail on the double blocks' ModuleList, so the single blocks are listed by index).
+REFERENCE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                          "to_add_out", "linear_in", "linear_out", "to_qkv_mlp_proj"]
+
+
+@dataclass
+class ModelConfig:
+    pretrained_path: str = MISSING  # diffusers FLUX.2-klein pipeline dir (base-9B or a merged one)
+    dtype: str = "bf16"  # weights dtype while training: bf16 (reference, pure bf16) | fp32
+    gradient_checkpointing: bool = True  # per transformer block
+    max_sequence_length: int = 512  # text tokens
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # False = full fine-tuning (shard it: ZeRO-3 / FSDP for 9B)
+    rank: int = 768  # reference: 768
+    alpha: float = 768.0  # reference: 768 (scale alpha/rank = 1); recorded in every checkpoint
+    targets: list = field(default_factory=lambda: list(REFERENCE_LORA_TARGETS))  # module-name suffixes
+    single_blocks_to_out: bool = True  # also single_transformer_blocks.*.attn.to_out (reference: yes)
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    csv: str = MISSING  # CSV with columns image (target), edit_image (input), prompt
+    base_path: str = ""  # image paths in the CSV are relative to this folder ("" = the CSV's folder)
+    max_pixels: int = 1048576  # pixels; targets are downscaled (never up) to at most this area
+    multiple_of: int = 16  # pixels; target sides are floored to multiples of this
+    reference_resize: str = "pipeline"  # pipeline (= inference preprocessing) | diffsynth (reference recipe)
+    aspect_buckets: bool = True  # group same-size samples so batch_size > 1 works
+    num_workers: int = 2  # dataloader workers per process
+    cache_text_embeddings: bool = False  # encode each prompt once and keep it on disk
+    cache_reference_latents: bool = False  # encode each reference image once and keep it on disk
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # reference: 1e-4
+    weight_decay: float = 0.01  # reference: 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables (the reference has none)
+    schedule: str = "constant"  # constant | cosine (both with linear warmup)
+    warmup_steps: int = 0  # optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/sft"  # checkpoints, metrics.jsonl, validation images, config.yaml
+    batch_size: int = 1  # samples per GPU per micro-step (reference: 1)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
+    epochs: int = 1
+    seed: int = 42
+    mixed_precision: str = "bf16"  # bf16 | no
+    checkpoint_every: int = 1000  # optimizer steps; the final step is always saved
+    keep_last: int = 3  # checkpoints kept (older ones are deleted)
+    validate_every: int = 1000  # optimizer steps; 0 disables validation edits
+    log_every: int = 10  # optimizer steps
+    resume: str = "auto"  # auto (latest checkpoint in run_dir if any) | never | <checkpoint dir>
+    timestep_lookup: str = "exact"  # exact | reference_bf16 (round t to bf16, nearest table entry)
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: bool = False
+    wandb_project: str = "etchr-sft"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """`--config FILE a.b=c ...` -> (FILE, ["a.b=c", ...]). Anything else is an error."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML path")
+            config_path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --config FILE and key=value overrides")
+        i += 1
+    return config_path, overrides
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    if key:
+        return ConfigError(f"{source}: bad config key '{key}': {msg}")
+    return ConfigError(f"{source}: {msg}")
+
+
+def load_config(schema: type, yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                *, validate=None) -> DictConfig:
+    """Schema defaults <- YAML file <- `a.b=c` overrides; typed, strict, with clear errors."""
+    cfg = OmegaConf.structured(schema)
+    if yaml_path is not None:
+        if not os.path.isfile(yaml_path):
+            raise ConfigError(f"config file not found: {yaml_path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml_path))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, yaml_path) from None
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, "command-line override") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        where = yaml_path or "the config"
+        raise ConfigError(f"{where}: required value missing for key(s) {', '.join(missing)} "
+                          f"(set it in the YAML or pass {missing[0]}=...)")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, yaml_path or "config") from None
+    if validate is not None:
+        validate(cfg)
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: DictConfig, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config into the run dir (atomically)."""
+    from .runtime import atomic_write_text
+
+    path = Path(run_dir) / name
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation beyond types: ranges and choices, with the fix in the message.
+# ----------------------------------------------------------------------------------------------
+def validate_sft(cfg: DictConfig) -> None:
+    if cfg.model.dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: use bf16 or fp32")
+    if cfg.lora.enabled and (cfg.lora.rank < 1 or cfg.lora.alpha <= 0 or not cfg.lora.targets):
+        raise ConfigError("lora: rank >= 1, alpha > 0 and a non-empty targets list are required")
+    if cfg.data.reference_resize not in ("pipeline", "diffsynth"):
+        raise ConfigError(f"data.reference_resize={cfg.data.reference_resize!r}: use pipeline or diffsynth")
+    if cfg.data.multiple_of % 16:
+        raise ConfigError(f"data.multiple_of={cfg.data.multiple_of}: must be a multiple of 16")
+    if cfg.optim.schedule not in ("constant", "cosine"):
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: use constant or cosine")
+    if cfg.train.mixed_precision not in ("bf16", "no"):
+        raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: use bf16 or no")
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.train.timestep_lookup not in ("exact", "reference_bf16"):
+        raise ConfigError(f"train.timestep_lookup={cfg.train.timestep_lookup!r}: use exact or reference_bf16")
+
+
+def load_sft_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:
+    return load_config(SFTConfig, yaml_path, overrides, validate=validate_sft)

@@ -1,0 +1,45 @@
+"""SFT config: reference defaults, strict loading, validation messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from etchr_sft.config import REFERENCE_LORA_TARGETS, ConfigError, load_sft_config, save_config
+
+REQ = ["model.pretrained_path=/m", "data.csv=/d.csv"]
+
+
+def test_reference_defaults():
+    cfg = load_sft_config(None, REQ)
+    assert (cfg.lora.rank, cfg.lora.alpha) == (768, 768)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule) == (1e-4, 0.01, "constant")
+    assert cfg.train.batch_size == 1 and cfg.model.dtype == "bf16" and cfg.model.gradient_checkpointing
+    assert cfg.data.max_pixels == 1048576 and cfg.data.reference_resize == "pipeline"
+    assert len(REFERENCE_LORA_TARGETS) == 11 and cfg.lora.single_blocks_to_out
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["lora.rnak=4"], "lora.rnak"),
+    (["train.batch_size=two"], "train.batch_size"),
+    (["optim.schedule=linear"], "optim.schedule"),
+    (["data.reference_resize=bicubic"], "data.reference_resize"),
+    (["data.multiple_of=8"], "data.multiple_of"),
+    (["train.timestep_lookup=fuzzy"], "train.timestep_lookup"),
+])
+def test_errors_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_sft_config(None, REQ + overrides)
+    assert needle in str(err.value)
+
+
+def test_missing_required_values_are_listed():
+    with pytest.raises(ConfigError, match=r"data\.csv, model\.pretrained_path"):
+        load_sft_config(None, [])
+
+
+def test_yaml_then_override_and_save(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("model:\n  pretrained_path: /m\ndata:\n  csv: /d.csv\ntrain:\n  max_steps: 7\n")
+    cfg = load_sft_config(str(p), ["train.max_steps=9"])
+    assert cfg.train.max_steps == 9
+    assert "max_steps: 9" in save_config(cfg, tmp_path / "run").read_text()
