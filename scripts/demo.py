@@ -3,10 +3,11 @@
 
     bash env_setup.sh && .venv/bin/python scripts/demo.py [--out demo_out]
 
-Steps: build the tiny FLUX.2-klein and Qwen3-VL twins (scripts/make_tiny_models.py), start the real
-local MLLM server (transformers serve on 127.0.0.1), edit one generated image with the tiny editor
-through diffusers' Flux2KleinPipeline, ask the server one question about original + edit, print both,
-stop the server. The models are random: the edit is noise and the answer is gibberish; the point is
+Steps: build the tiny FLUX.2-klein and Qwen3-VL twins (scripts/make_tiny_models.py), generate a small
+DL3DV-schema benchmark, start the real local MLLM server (transformers serve on 127.0.0.1), edit one
+generated image through diffusers' Flux2KleinPipeline and ask one question about original + edit,
+then run the Edit-Verify-Reason evaluation (Evaluation/evaluate.py) with its baseline, tables and
+HTML report, and stop the server. The models are random: the edit is noise and the answer is gibberish; the point is
 that every part of the real code path runs.
 """
 
@@ -62,9 +63,12 @@ def data_uri(img) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import subprocess
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="demo_out", help="output folder (models, images)")
+    ap.add_argument("--out", default="demo_out", help="output folder (models, data, runs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--items", type=int, default=8, help="DL3DV-style items to evaluate")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -72,37 +76,35 @@ def main(argv: list[str] | None = None) -> int:
     print(BANNER, RANDOM_NOTE, BANNER, sep="\n", flush=True)
 
     # ---- 1. tiny models ------------------------------------------------------------------------
-    print("[1/4] building tiny models ...", flush=True)
+    print("[1/5] building tiny models ...", flush=True)
     dirs = _script("make_tiny_models").build(out / "tiny_models", seed=args.seed)
     flux_dir, qwen_dir = dirs["flux2-klein-tiny"], dirs["qwen3-vl-tiny"]
 
-    # ---- 2. server ---------------------------------------------------------------------------------
-    print("[2/4] starting transformers serve (tiny Qwen3-VL) on 127.0.0.1 ...", flush=True)
+    # ---- 2. data -----------------------------------------------------------------------------------
+    print(f"[2/5] generating {args.items} DL3DV-2k-schema items (procedural scenes) ...", flush=True)
+    data = _script("make_dl3dv_fixture").make(str(out / "data" / "dl3dv.parquet"), n=args.items, seed=args.seed)
+
+    # ---- 3. server ---------------------------------------------------------------------------------
+    print("[3/5] starting transformers serve (tiny Qwen3-VL) on 127.0.0.1 ...", flush=True)
     srv_mod = _script("local_mllm_server")
     with srv_mod.LocalMLLMServer(qwen_dir, log_path=out / "server.log") as server:
         print(f"      up at {server.base_url} (pid {server.pid})", flush=True)
 
-        # ---- 3. edit -------------------------------------------------------------------------------
+        # ---- 4. one edit + one question, by hand ----------------------------------------------------
         import torch
         from diffusers import Flux2KleinPipeline
+        from openai import OpenAI
 
         question = "Which shape is closest to the top-right corner? Answer with its colour."
-        prompt = "Draw a red box around the object that answers the question. " + question
-        print("[3/4] editing a generated 128x128 image with Flux2KleinPipeline (tiny, 4 steps, CFG 3.5) ...",
+        print("[4/5] one edit with Flux2KleinPipeline (4 steps, CFG 3.5) and one question about original + edit ...",
               flush=True)
         pipe = Flux2KleinPipeline.from_pretrained(flux_dir, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         image = generated_image()
-        edit = pipe(image=image, prompt=prompt, height=128, width=128, num_inference_steps=4, guidance_scale=3.5,
-                    generator=torch.Generator().manual_seed(126)).images[0]
+        edit = pipe(image=image, prompt="Draw a red box for the question. " + question, height=128, width=128,
+                    num_inference_steps=4, guidance_scale=3.5, generator=torch.Generator().manual_seed(126)).images[0]
         image.save(out / "original.png")
         edit.save(out / "edit.png")
-        print(f"      original -> {out / 'original.png'}\n      edit     -> {out / 'edit.png'}", flush=True)
-
-        # ---- 4. ask --------------------------------------------------------------------------------
-        from openai import OpenAI
-
-        print("[4/4] asking the server about original + edit ...", flush=True)
         client = OpenAI(base_url=server.base_url, api_key=os.environ.get("ETCHR_MLLM_API_KEY", "EMPTY"), timeout=120)
         reply = client.chat.completions.create(
             model=server.model, max_tokens=24, temperature=0,
@@ -110,11 +112,22 @@ def main(argv: list[str] | None = None) -> int:
                 {"type": "image_url", "image_url": {"url": data_uri(image)}},
                 {"type": "image_url", "image_url": {"url": data_uri(edit)}},
                 {"type": "text", "text": question}]}])
-        answer = reply.choices[0].message.content
+        print(f"      question : {question}\n      edit     : {out / 'edit.png'}\n"
+              f"      answer   : {reply.choices[0].message.content!r}", flush=True)
+
+        # ---- 5. Edit-Verify-Reason evaluation (the real entry script) ------------------------------
+        print("[5/5] Evaluation/evaluate.py: Edit-Verify-Reason + baseline on the generated items ...", flush=True)
+        run_dir = out / "runs" / "eval"
+        cmd = [sys.executable, str(REPO / "Evaluation" / "evaluate.py"), "--config",
+               str(REPO / "configs" / "eval" / "tiny_demo.yaml"), f"editor.pipe_path={flux_dir}",
+               f"mllm.model={server.model}", f"mllm.endpoints=[{server.base_url}]", f"tasks.dl3dv.path={data}",
+               f"run_dir={run_dir}"]
+        print("      $ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=REPO)
     print(BANNER)
-    print(f"question : {question}")
-    print(f"edit     : {out / 'edit.png'} ({edit.size[0]}x{edit.size[1]})")
-    print(f"answer   : {answer!r}   ({reply.usage.prompt_tokens} prompt tokens incl. 2 images)")
+    print(f"results  : {run_dir / 'results.jsonl'}")
+    print(f"tables   : {run_dir / 'summary.md'}")
+    print(f"report   : {run_dir / 'report.html'}  (open in a browser; works offline)")
     print(f"server stopped; demo took {time.time() - t0:.1f} s")
     print(RANDOM_NOTE)
     print(BANNER)

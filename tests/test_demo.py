@@ -13,3 +13,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "RANDOM weights" in res.stdout and "server stopped" in res.stdout
     assert (tmp_path / "edit.png").is_file() and (tmp_path / "original.png").is_file()
     assert "answer   :" in res.stdout
+    run = tmp_path / "runs" / "eval"
+    assert (run / "report.html").is_file() and (run / "summary.md").is_file()
+    assert len((run / "results.jsonl").read_text().splitlines()) == 8
+    assert "| dl3dv | 8 |" in res.stdout

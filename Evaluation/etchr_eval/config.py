@@ -27,6 +27,7 @@ class EditorConfig:
     pipe_path: str = MISSING  # diffusers FLUX.2-klein pipeline dir (base, SFT-merged or RL-merged)
     lora_path: Optional[str] = None  # optional LoRA .safetensors on top (diffusers or DiffSynth naming)
     lora_scale: float = 1.0  # multiplier on top of the file's alpha/rank
+    lora_alpha: Optional[float] = None  # only for LoRA files that do not record their alpha
     device: str = "auto"  # "auto" = cuda:LOCAL_RANK if available else cpu
     dtype: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or bf16 / fp16 / fp32
     steps: int = 40  # denoising steps (reference: 40)
@@ -51,6 +52,8 @@ class MLLMConfig:
     temperature: float = 0.0  # verify and reason sampling temperature
     verify_max_tokens: int = 4096  # tokens
     reason_max_tokens: int = 4096  # tokens
+    image_format: str = "png"  # png (lossless) | jpeg (the reference sends .jpg files, quality 75)
+    jpeg_quality: int = 75  # used when image_format is jpeg
 
 
 @dataclass
@@ -167,6 +170,8 @@ def validate_eval(cfg: DictConfig) -> None:
         m = cfg[section]
         if not m.endpoints:
             raise ConfigError(f"{section}.endpoints is empty: list at least one OpenAI base URL")
+        if m.image_format not in ("png", "jpeg"):
+            raise ConfigError(f"{section}.image_format={m.image_format!r}: use png or jpeg")
         if m.concurrency < 1 or m.max_retries < 0 or m.timeout_s <= 0:
             raise ConfigError(f"{section}: concurrency >= 1, max_retries >= 0 and timeout_s > 0 are required")
     for name, task in cfg.tasks.items():

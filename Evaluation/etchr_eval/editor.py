@@ -1,0 +1,274 @@
+"""The editor: a diffusers FLUX.2-klein pipeline dir (+ optional LoRA), output sizing, seeds, edit cache.
+
+LoRA files (CHECKPOINTS.md section 2) are fused into the transformer weights at load time as
+W + lora_scale * (alpha / rank) * B @ A, computed in fp32: exact, and no LoRA matmuls per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from PIL import Image
+
+from .runtime import atomic_write_bytes, get_logger, local_rank
+
+log = get_logger("etchr_eval.editor")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers (tested with hand-computed values)
+# ----------------------------------------------------------------------------------------------
+def output_size(width: int, height: int, *, max_area: int = 1024 * 1024, multiple_of: int = 16,
+                mode: str = "keep_aspect") -> tuple[int, int]:
+    """(W, H) of the edit for a W x H source.
+
+    keep_aspect: scale down (never up) to area <= max_area, then floor both sides to multiples of
+    `multiple_of`. reference_clamp: the reference's min(W, 1024), min(H, 1024), floored to multiples
+    of `multiple_of` as the pipeline would (distorts the aspect ratio of large images).
+    """
+    if mode == "reference_clamp":
+        side = int(math.isqrt(max_area))
+        w, h = min(width, side), min(height, side)
+    elif mode == "keep_aspect":
+        scale = min(1.0, math.sqrt(max_area / float(width * height)))
+        w, h = width * scale, height * scale
+    else:
+        raise ValueError(f"size mode {mode!r}: use keep_aspect or reference_clamp")
+    w = max(multiple_of, int(w) // multiple_of * multiple_of)
+    h = max(multiple_of, int(h) // multiple_of * multiple_of)
+    return w, h
+
+
+def item_seed(base_seed: int, task: str, item_id: str, per_item: bool = True) -> int:
+    """A 31-bit seed from (base seed, task, item id): stable across runs, ranks and shardings."""
+    if not per_item:
+        return int(base_seed)
+    digest = hashlib.sha256(f"{base_seed}:{task}:{item_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+_DIFFSYNTH = re.compile(r"\.lora_([AB])\.default\.weight$")
+
+
+def normalise_lora_keys(state: dict) -> dict:
+    """DiffSynth naming (`blocks.0.attn.to_q.lora_A.default.weight`) -> diffusers naming
+    (`transformer.blocks.0.attn.to_q.lora_A.weight`); diffusers-named keys pass through."""
+    out = {}
+    for key, value in state.items():
+        new = _DIFFSYNTH.sub(r".lora_\1.weight", key)
+        if not new.startswith("transformer."):
+            new = "transformer." + new
+        out[new] = value
+    return out
+
+
+def read_lora(path: str | os.PathLike, alpha: Optional[float] = None) -> tuple[dict, float, int]:
+    """Load a LoRA file -> (diffusers-named state dict, alpha, rank).
+
+    Alpha comes from the argument, else the safetensors metadata `lora_adapter_metadata`, else
+    meta.json beside the file; a file with no recorded alpha is an error (CHECKPOINTS.md section 2).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = normalise_lora_keys(state)
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1:
+        raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks) or 'no lora_A keys'}")
+    rank = ranks.pop()
+    if alpha is None and "lora_adapter_metadata" in metadata:
+        md = json.loads(metadata["lora_adapter_metadata"])  # diffusers prefixes keys with "transformer."
+        alpha = md.get("lora_alpha", md.get("transformer.lora_alpha"))
+    meta_json = path.parent / "meta.json"
+    if alpha is None and meta_json.is_file():
+        alpha = (json.loads(meta_json.read_text()).get("lora") or {}).get("alpha")
+    if alpha is None:
+        raise ValueError(f"{path}: LoRA alpha is not recorded (no lora_adapter_metadata in the file header, "
+                         f"no lora.alpha in {meta_json}); pass editor.lora_alpha explicitly")
+    return state, float(alpha), rank
+
+
+def fuse_lora(transformer, state: dict, alpha: float, rank: int, scale: float = 1.0) -> int:
+    """W += scale * alpha / rank * B @ A for every LoRA pair; returns the number of fused layers."""
+    import torch
+
+    modules = dict(transformer.named_modules())
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise ValueError(f"unexpected LoRA key {key!r} (want transformer.<module>.lora_A/B.weight)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = value
+    factor = scale * alpha / rank
+    with torch.no_grad():
+        for name, ab in pairs.items():
+            if name not in modules or not hasattr(modules[name], "weight"):
+                raise ValueError(f"LoRA targets {name!r}, which is not a layer of this transformer")
+            if set(ab) != {"A", "B"}:
+                raise ValueError(f"LoRA layer {name!r} lacks lora_{'A' if 'A' not in ab else 'B'}")
+            w = modules[name].weight
+            delta = ab["B"].to(torch.float32) @ ab["A"].to(torch.float32)
+            if delta.shape != w.shape:
+                raise ValueError(f"LoRA {name}: B @ A is {tuple(delta.shape)}, weight is {tuple(w.shape)}")
+            w.copy_((w.to(torch.float32) + factor * delta.to(w.device)).to(w.dtype))
+    return len(pairs)
+
+
+def checkpoint_fingerprint(pipe_path: str | os.PathLike, lora_path: Optional[str] = None,
+                           lora_scale: float = 1.0, lora_alpha: Optional[float] = None) -> str:
+    """A short hash naming the editor's weights, for the edit cache.
+
+    Configs and meta.json are hashed whole; each weight file by name, size and its first and last
+    MiB (hashing 18 GB at every start would cost minutes); a LoRA file whole.
+    """
+    h = hashlib.sha256()
+    root = Path(pipe_path)
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"{root}: not a diffusers pipeline dir (model_index.json missing)")
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = str(p.relative_to(root))
+        h.update(rel.encode())
+        if p.suffix in (".json", ".jinja", ".txt"):
+            h.update(p.read_bytes())
+        else:
+            size = p.stat().st_size
+            h.update(str(size).encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+                if size > 2 << 20:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    h.update(f.read())
+    if lora_path:
+        with open(lora_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        h.update(f"scale={lora_scale},alpha={lora_alpha}".encode())
+    return h.hexdigest()[:20]
+
+
+def image_digest(image: Image.Image) -> str:
+    h = hashlib.sha256()
+    h.update(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------------------------
+# Edit cache: edits keyed by (checkpoint fingerprint, source image, prompt, seed, steps, guidance, size)
+# ----------------------------------------------------------------------------------------------
+class EditCache:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(**fields: Any) -> str:
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.png"
+
+    def get(self, key: str) -> Optional[Image.Image]:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            with Image.open(p) as im:
+                return im.convert("RGB")
+        except OSError:  # a damaged file (disk trouble): recompute it
+            return None
+
+    def put(self, key: str, image: Image.Image, fields: dict) -> Path:
+        import io
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        p = self.path(key)
+        atomic_write_bytes(p, buf.getvalue())
+        atomic_write_bytes(p.with_suffix(".json"), json.dumps(fields, sort_keys=True).encode())
+        return p
+
+
+# ----------------------------------------------------------------------------------------------
+# The editor
+# ----------------------------------------------------------------------------------------------
+class Editor:
+    """Loads the pipeline once; `edit()` returns (image, cache path, seconds spent, cache hit)."""
+
+    def __init__(self, cfg, cache_dir: str | os.PathLike):
+        import torch
+        from diffusers import Flux2KleinPipeline
+
+        self.cfg = cfg
+        if cfg.device == "auto":
+            self.device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = cfg.device
+        dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.startswith("cuda") else "fp32")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+        self.cache = EditCache(cache_dir)
+        self.fingerprint = checkpoint_fingerprint(cfg.pipe_path, cfg.lora_path, cfg.lora_scale,
+                                                  getattr(cfg, "lora_alpha", None))
+        self._pipe = None
+        self._load = lambda: Flux2KleinPipeline.from_pretrained(cfg.pipe_path, dtype=self.dtype)
+        self.stats = {"edits": 0, "cache_hits": 0, "edit_seconds": 0.0}
+
+    @property
+    def pipe(self):
+        """Loaded on first use: a rerun whose edits are all cached never loads the model."""
+        if self._pipe is None:
+            t0 = time.time()
+            pipe = self._load()
+            if self.cfg.lora_path:
+                state, alpha, rank = read_lora(self.cfg.lora_path, getattr(self.cfg, "lora_alpha", None))
+                n = fuse_lora(pipe.transformer, state, alpha, rank, self.cfg.lora_scale)
+                log.info("fused LoRA %s into %d layers (alpha %g, rank %d, scale %g)", self.cfg.lora_path, n,
+                         alpha, rank, self.cfg.lora_scale)
+            pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe = pipe
+            log.info("editor %s loaded on %s (%s) in %.1f s", self.cfg.pipe_path, self.device, self.dtype,
+                     time.time() - t0)
+        return self._pipe
+
+    def cache_fields(self, image: Image.Image, prompt: str, seed: int) -> dict:
+        w, h = output_size(*image.size, max_area=self.cfg.max_area, multiple_of=self.cfg.multiple_of,
+                           mode=self.cfg.size_mode)
+        return {"checkpoint": self.fingerprint, "image": image_digest(image), "prompt": prompt, "seed": seed,
+                "steps": self.cfg.steps, "guidance": self.cfg.guidance, "width": w, "height": h,
+                "max_sequence_length": self.cfg.max_sequence_length}
+
+    def edit(self, image: Image.Image, prompt: str, seed: int) -> tuple[Image.Image, Path, float, bool]:
+        import torch
+
+        fields = self.cache_fields(image, prompt, seed)
+        key = EditCache.key(**fields)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.stats["cache_hits"] += 1
+            return cached, self.cache.path(key), 0.0, True
+        t0 = time.time()
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.inference_mode():
+            out = self.pipe(image=image, prompt=prompt, height=fields["height"], width=fields["width"],
+                            num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance,
+                            generator=generator, max_sequence_length=self.cfg.max_sequence_length).images[0]
+        seconds = time.time() - t0
+        path = self.cache.put(key, out, fields)
+        self.stats["edits"] += 1
+        self.stats["edit_seconds"] += seconds
+        return out, path, seconds, False

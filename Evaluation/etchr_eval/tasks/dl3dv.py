@@ -1,0 +1,85 @@
+"""DL3DV-2k (internlm/DL3DV-2k): multiple choice on a 3D scene; DATA.md section 1.3.
+
+Question text = "Question: " + question + "Candidates: " + candidates (no separator, as the reference).
+Scoring normalises prediction and ground truth to the option letter; a prediction may be "C", "C.",
+"C: text", "(C)", "C) text" or the option's text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+from ..extract import last_boxed
+from .base import DataError, Item, Task, read_table, register
+
+_OPTION = re.compile(r"(?:^|[\s;,\n(])\(?([A-Z])\s*[:.)]\s*")
+
+
+def parse_options(candidates: str) -> dict[str, str]:
+    """"A: red box; B. blue box; (C) tree" -> {"A": "red box", "B": "blue box", "C": "tree"}."""
+    marks = list(_OPTION.finditer(candidates))
+    out: dict[str, str] = {}
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(candidates)
+        out[m.group(1)] = candidates[m.end():end].strip(" ;,.\n\t")
+    return out
+
+
+def _norm_text(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+
+
+def to_letter(text: Optional[str], options: dict[str, str]) -> Optional[str]:
+    """Map an answer in any accepted form to its option letter; None if it names no option."""
+    if text is None:
+        return None
+    s = text.strip()
+    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s).strip()
+    m = re.fullmatch(r"\(?([A-Za-z])\)?(?:\s*[:.)]\s*(.*))?", s, flags=re.S)
+    if m and (m.group(1).upper() in options or not options) and (len(s) == 1 or m.group(2) is not None
+                                                                  or s.startswith("(")):
+        return m.group(1).upper()
+    target = _norm_text(s)
+    if target:
+        for letter, opt in options.items():
+            if _norm_text(opt) == target:
+                return letter
+    return None
+
+
+def load(path: str, limit: Optional[int] = None) -> list[Item]:
+    df = read_table(path, ["question", "candidates", "answer", "images"])
+    id_col = next((c for c in ("id", "question_id", "qid") if c in df.columns), None)
+    items = []
+    for row in range(len(df) if limit is None else min(limit, len(df))):
+        rec = df.iloc[row]
+        where = f"{os.path.basename(path)} row {row}"
+        cand = rec["candidates"]
+        if not isinstance(cand, str):
+            raise DataError(f"{where}: column 'candidates' must be a string, got {type(cand).__name__}")
+        question = "Question: " + str(rec["question"]) + "Candidates: " + cand
+        item_id = str(rec[id_col]) if id_col else str(row)
+        items.append(Item(id=item_id, question=question, answer=str(rec["answer"]), image_cell=rec["images"],
+                          meta={"options": parse_options(cand)}, source=where))
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: duplicate item ids in column {id_col!r}")
+    return items
+
+
+def score(pred: Optional[str], item: Item) -> dict:
+    options = item.meta.get("options", {})
+    gt = to_letter(item.answer, options)
+    if gt is None:
+        raise DataError(f"{item.source}: ground truth {item.answer!r} names no option of {sorted(options)}")
+    letter = to_letter(pred, options)
+    return {"score": float(letter == gt), "pred_letter": letter, "gt_letter": gt}
+
+
+TASK = register(Task(
+    name="dl3dv", family="3d", edit_prefix="edit_prefix_3d_v1", verify_prompt="verify_dl3dv_v1",
+    load=load, extract=last_boxed, score=score,
+    description="DL3DV-2k multiple choice (internlm/DL3DV-2k parquet: question, candidates, answer, images)",
+))

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Edit-Verify-Reason evaluation of any registered tasks.
+
+    python evaluate.py --config ../configs/eval/dl3dv_reference.yaml [key=value ...]
+    torchrun --nproc_per_node 8 evaluate.py --config ...      # items sharded over ranks / GPUs
+
+Writes into run_dir: config.yaml, results.jsonl (one row per item; resumable), edit_cache/,
+summary.json / summary.md (per-task tables), report.html. A rerun skips finished items and retries
+only failed ones; edits are cached, so evaluating a second MLLM reuses the first run's edits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere without installing
+
+from etchr_eval import runtime  # noqa: E402
+from etchr_eval.client import EndpointError, MLLMClient  # noqa: E402
+from etchr_eval.config import ConfigError, load_eval_config, save_config, split_cli, to_container  # noqa: E402
+from etchr_eval.editor import Editor  # noqa: E402
+from etchr_eval.loop import LoopSettings, run_task  # noqa: E402
+from etchr_eval.prompts import prompt_versions  # noqa: E402
+from etchr_eval.report import summarize_task, write_html, write_summary  # noqa: E402
+from etchr_eval.results import ResultStore, merge_rows, read_rows  # noqa: E402
+from etchr_eval.tasks import DataError, get_task  # noqa: E402
+
+log = runtime.get_logger("etchr_eval")
+
+
+def init_distributed() -> None:
+    """torchrun sets WORLD_SIZE; the ranks then only need a barrier and an object gather."""
+    if runtime.world_size() > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(runtime.local_rank())
+            dist.init_process_group(backend=backend)
+
+
+def gather(obj):
+    if runtime.world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * runtime.world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run(cfg) -> dict:
+    """Evaluate every task of `cfg`; returns the per-task summary (on every rank)."""
+    init_distributed()
+    rank, world = runtime.rank(), runtime.world_size()
+    run_dir = Path(cfg.run_dir)
+    if not cfg.tasks:
+        raise ConfigError("no tasks configured: add tasks.<name>.path=<data file> (registered tasks: "
+                          f"{', '.join(sorted(__import__('etchr_eval.tasks', fromlist=['TASKS']).TASKS))})")
+    # ---------------------------------------------------------------- build
+    if runtime.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
+    tasks = {name: get_task(name) for name in cfg.tasks}  # unknown task -> error listing the valid ones
+    data = {name: tasks[name].load(tc.path, tc.limit) for name, tc in cfg.tasks.items()}
+    client = MLLMClient(list(cfg.mllm.endpoints), cfg.mllm.model, api_key_env=cfg.mllm.api_key_env,
+                        concurrency=cfg.mllm.concurrency, timeout_s=cfg.mllm.timeout_s,
+                        max_retries=cfg.mllm.max_retries, backoff_s=cfg.mllm.backoff_s)
+    judge = None
+    if cfg.judge is not None:  # judge-graded tasks (CharXiv) may use another model / endpoints
+        judge = MLLMClient(list(cfg.judge.endpoints), cfg.judge.model, api_key_env=cfg.judge.api_key_env,
+                           concurrency=cfg.judge.concurrency, timeout_s=cfg.judge.timeout_s,
+                           max_retries=cfg.judge.max_retries, backoff_s=cfg.judge.backoff_s)
+    for c in (client, judge):  # an unreachable server stops the run before any edit
+        if c is not None:
+            asyncio.run(c.check_reachable())
+    editor = Editor(cfg.editor, cfg.edit_cache_dir or run_dir / "edit_cache")
+    store = ResultStore(run_dir, "results.jsonl" if world == 1 else f"results.rank{rank}.jsonl")
+    runtime.barrier()  # every rank has read the finished items before any file is rewritten
+    if cfg.retry_failed:
+        store.drop_failures()
+    settings = LoopSettings(baseline=cfg.baseline, verify_max_tokens=cfg.mllm.verify_max_tokens,
+                            reason_max_tokens=cfg.mllm.reason_max_tokens, temperature=cfg.mllm.temperature,
+                            image_format=cfg.mllm.image_format, jpeg_quality=cfg.mllm.jpeg_quality,
+                            base_seed=cfg.editor.seed, per_item_seed=cfg.editor.per_item_seed,
+                            max_inflight=max(16, 4 * cfg.mllm.concurrency), run_dir=str(run_dir))
+    runtime.print0(f"evaluating {', '.join(f'{n} ({len(v)} items)' for n, v in data.items())} on {world} "
+                   f"rank(s); editor {cfg.editor.pipe_path} [{editor.fingerprint}]; MLLM {cfg.mllm.model} at "
+                   f"{', '.join(cfg.mllm.endpoints)}")
+
+    # ---------------------------------------------------------------- loop
+    stats = {}
+
+    async def all_tasks():
+        try:
+            for name, items in data.items():
+                shard = items[rank::world]
+                stats[name] = await run_task(tasks[name], shard, editor, client, store, settings,
+                                             desc=f"{name} [rank {rank}]" if world > 1 else name, judge=judge)
+        finally:
+            await client.aclose()
+            if judge is not None:
+                await judge.aclose()
+
+    asyncio.run(all_tasks())
+    store.close()
+
+    # ---------------------------------------------------------------- save (rank 0 merges the shards)
+    all_stats = gather({n: vars(s) for n, s in stats.items()})
+    runtime.barrier()
+    summary: dict = {}
+    if runtime.is_main():
+        merged = merge_rows(r for f in store.all_files() for r in read_rows(f))
+        if world > 1:
+            ordered = [merged[k] for k in sorted(merged)]
+            from etchr_eval.runtime import atomic_write_text
+            import json
+
+            atomic_write_text(run_dir / "results.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+        rows_by_task = {}
+        for name, items in data.items():
+            rows = [merged[f"{name}/{it.id}"] for it in items if f"{name}/{it.id}" in merged]
+            rows_by_task[name] = rows
+            s = summarize_task(rows, items=len(items), aggregate=tasks[name].aggregate)
+            edits = sum(st[name]["edits"] for st in all_stats)
+            wall = max(st[name]["wall_s"] for st in all_stats)
+            s.update(wall_s=round(wall, 2), edits_made=edits,
+                     cache_hits=sum(st[name]["cache_hits"] for st in all_stats),
+                     edits_per_s=round(edits / wall, 4) if wall > 0 and edits else None,
+                     edit_seconds=round(sum(st[name]["edit_seconds"] for st in all_stats), 2),
+                     tail_wait_s=round(max(st[name]["tail_wait_s"] for st in all_stats), 2))
+            summary[name] = s
+        meta = {"mllm_model": cfg.mllm.model, "pipe_path": cfg.editor.pipe_path, "lora_path": cfg.editor.lora_path,
+                "checkpoint_fingerprint": editor.fingerprint, "world_size": world,
+                "prompt_files": sorted({p for t in tasks.values() for p in (t.edit_prefix, t.verify_prompt,
+                                                                             t.reason_one, t.reason_two)}),
+                "prompt_sha256": prompt_versions(), "git_sha": runtime.git_sha(), "config": to_container(cfg),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        paths = write_summary(run_dir, summary, meta)
+        if cfg.report_html:
+            originals = {f"{n}/{it.id}": it.image for n, items in data.items() for it in items}
+            write_html(run_dir, rows_by_task, summary, originals, meta)
+        print((run_dir / "summary.md").read_text(), flush=True)
+        runtime.print0(f"wrote {paths['md']}, {paths['json']}" + (f", {run_dir / 'report.html'}" if cfg.report_html
+                                                                  else ""))
+    runtime.barrier()
+    return summary
+
+
+def main(argv=None) -> int:
+    try:
+        config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+        cfg = load_eval_config(config_path, overrides)
+        run(cfg)
+    except (ConfigError, DataError, EndpointError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Editor parts: output sizing, seeds, LoRA reading/fusing (diffusers and DiffSynth naming), cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from etchr_eval.editor import (EditCache, checkpoint_fingerprint, fuse_lora, item_seed, normalise_lora_keys,
+                               output_size, read_lora)
+
+
+@pytest.mark.parametrize("w,h,mode,expected", [
+    (1024, 1024, "keep_aspect", (1024, 1024)),
+    (2048, 1024, "keep_aspect", (1440, 720)),  # sqrt(1/2) * (2048, 1024) = (1448.2, 724.1) -> floor to /16
+    (4000, 3000, "keep_aspect", (1168, 880)),  # scale 0.2955: (1182.4, 886.8)
+    (500, 300, "keep_aspect", (496, 288)),  # never upscaled; floored to multiples of 16
+    (2048, 1024, "reference_clamp", (1024, 1024)),  # the reference distorts 2:1 into 1:1
+    (1500, 700, "reference_clamp", (1024, 688)),
+    (100, 70, "keep_aspect", (96, 64)),
+])
+def test_output_size(w, h, mode, expected):
+    out = output_size(w, h, max_area=1024 * 1024, multiple_of=16, mode=mode)
+    assert out == expected
+    assert out[0] * out[1] <= 1024 * 1024 and out[0] % 16 == 0 and out[1] % 16 == 0
+
+
+def test_keep_aspect_preserves_ratio_within_rounding():
+    w, h = output_size(3000, 2000, max_area=1024 * 1024)
+    assert abs(w / h - 1.5) < 0.03
+
+
+def test_item_seed_is_stable_and_distinct():
+    assert item_seed(126, "dl3dv", "17") == item_seed(126, "dl3dv", "17")
+    assert item_seed(126, "dl3dv", "17") != item_seed(126, "dl3dv", "18")
+    assert item_seed(126, "dl3dv", "17") != item_seed(127, "dl3dv", "17")
+    assert item_seed(126, "dl3dv", "17", per_item=False) == 126
+    assert 0 <= item_seed(126, "x", "y") < 2 ** 31
+    assert item_seed(126, "dl3dv", "0") == int.from_bytes(
+        __import__("hashlib").sha256(b"126:dl3dv:0").digest()[:4], "little") & 0x7FFFFFFF
+
+
+def test_diffsynth_keys_are_converted():
+    sd = {"transformer_blocks.0.attn.to_q.lora_A.default.weight": 1,
+          "transformer.single_transformer_blocks.1.attn.to_out.lora_B.weight": 2}
+    assert normalise_lora_keys(sd) == {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": 1,
+                                       "transformer.single_transformer_blocks.1.attn.to_out.lora_B.weight": 2}
+
+
+def _trained_lora(tiny_models, tmp_path, rank=4, alpha=8.0):
+    """A LoRA with non-zero B on the tiny transformer, saved the diffusers way with its metadata."""
+    from diffusers import Flux2KleinPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_models.flux, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_v", "to_qkv_mlp_proj"],
+                     init_lora_weights=False)
+    pipe.transformer.add_adapter(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pipe.transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    sd = get_peft_model_state_dict(pipe.transformer)
+    out = tmp_path / "lora"
+    Flux2KleinPipeline.save_lora_weights(out, transformer_lora_layers=sd,
+                                         transformer_lora_adapter_metadata=cfg.to_dict())
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def test_fuse_equals_w_plus_scaled_ba_and_matches_diffusers(tiny_models, tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    path = _trained_lora(tiny_models, tmp_path)
+    state, alpha, rank = read_lora(path)
+    assert (alpha, rank) == (8.0, 4)
+    base = Flux2KleinPipeline.from_pretrained(tiny_models.flux, dtype=torch.float32)
+    w0 = base.transformer.transformer_blocks[0].attn.to_q.weight.detach().clone()
+    n = fuse_lora(base.transformer, state, alpha, rank, scale=1.0)
+    assert n == 2 * 2 + 2  # to_q + to_v in 2 double blocks, to_qkv_mlp_proj in 2 single blocks
+    a = state["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    b = state["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    torch.testing.assert_close(base.transformer.transformer_blocks[0].attn.to_q.weight, w0 + (alpha / rank) * b @ a)
+    # diffusers' own path (load_lora_weights + fuse_lora) gives the same weights
+    ref = Flux2KleinPipeline.from_pretrained(tiny_models.flux, dtype=torch.float32)
+    ref.load_lora_weights(path.parent)
+    ref.fuse_lora()
+    ref.unload_lora_weights()
+    for (n1, p1), (n2, p2) in zip(base.transformer.named_parameters(), ref.transformer.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6)
+
+
+def test_diffsynth_named_file_and_missing_alpha(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _trained_lora(tiny_models, tmp_path)
+    sd = load_file(path)
+    ds = {k.removeprefix("transformer.").replace(".lora_A.weight", ".lora_A.default.weight")
+          .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in sd.items()}
+    ds_path = tmp_path / "ds" / "lora.safetensors"
+    ds_path.parent.mkdir()
+    save_file(ds, ds_path)  # no metadata: alpha unknown
+    with pytest.raises(ValueError, match="alpha is not recorded"):
+        read_lora(ds_path)
+    (ds_path.parent / "meta.json").write_text(json.dumps({"lora": {"rank": 4, "alpha": 8.0}}))
+    state, alpha, rank = read_lora(ds_path)
+    assert alpha == 8.0 and set(state) == set(sd)
+    for k in sd:
+        torch.testing.assert_close(state[k], sd[k])
+
+
+def test_fuse_rejects_foreign_layers(tiny_models):
+    from diffusers import Flux2Transformer2DModel
+
+    t = Flux2Transformer2DModel.from_pretrained(tiny_models.flux / "transformer")
+    bad = {"transformer.no_such.lora_A.weight": torch.zeros(2, 4), "transformer.no_such.lora_B.weight": torch.zeros(4, 2)}
+    with pytest.raises(ValueError, match="no_such"):
+        fuse_lora(t, bad, 2.0, 2)
+
+
+def test_fingerprint_tracks_weights_and_lora(tiny_models, tmp_path):
+    fp = checkpoint_fingerprint(tiny_models.flux)
+    assert fp == checkpoint_fingerprint(tiny_models.flux)
+    path = _trained_lora(tiny_models, tmp_path)
+    assert checkpoint_fingerprint(tiny_models.flux, str(path)) != fp
+    assert checkpoint_fingerprint(tiny_models.flux, str(path), 0.5) != checkpoint_fingerprint(tiny_models.flux, str(path))
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        checkpoint_fingerprint(tmp_path)
+
+
+def test_edit_cache_roundtrip(tmp_path):
+    cache = EditCache(tmp_path)
+    key = EditCache.key(checkpoint="a", prompt="p", seed=1, steps=4, guidance=3.5, width=64, height=64, image="i")
+    assert key != EditCache.key(checkpoint="a", prompt="p", seed=2, steps=4, guidance=3.5, width=64, height=64, image="i")
+    assert cache.get(key) is None
+    img = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3))
+    cache.put(key, img, {"seed": 1})
+    np.testing.assert_array_equal(np.asarray(cache.get(key)), np.asarray(img))
+    cache.path(key).write_bytes(b"damaged")
+    assert cache.get(key) is None  # recomputed rather than crashing
