@@ -83,6 +83,9 @@ class TrainConfig:
     checkpoint_every: int = 1000  # optimizer steps; the final step is always saved
     keep_last: int = 3  # checkpoints kept (older ones are deleted)
     validate_every: int = 1000  # optimizer steps; 0 disables validation edits
+    validation_items: int = 4  # the first N rows of the CSV, edited at every validation
+    validation_steps: int = 28  # denoising steps of validation edits
+    validation_guidance: float = 3.5  # CFG scale of validation edits
     log_every: int = 10  # optimizer steps
     resume: str = "auto"  # auto (latest checkpoint in run_dir if any) | never | <checkpoint dir>
     timestep_lookup: str = "exact"  # exact | reference_bf16 (round t to bf16, nearest table entry)

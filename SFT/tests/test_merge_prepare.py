@@ -1,0 +1,186 @@
+"""merge_lora.py (exact fusion, DiffSynth naming, lineage, evaluated by Evaluation) and prepare_data.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+SFT_DIR = Path(__file__).resolve().parents[1]
+REPO = SFT_DIR.parent
+IMAGE_TYPE = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+
+
+def run(script, *argv, ok=True):
+    res = subprocess.run([sys.executable, str(script), *map(str, argv)], capture_output=True, text=True, timeout=600,
+                         cwd=REPO)
+    if ok:
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, sft_csv, tmp_path_factory):
+    """A 3-step LoRA checkpoint of the tiny model."""
+    run_dir = tmp_path_factory.mktemp("sftrun")
+    run(SFT_DIR / "train_sft.py", "--config", REPO / "configs" / "sft" / "tiny_demo.yaml",
+        f"model.pretrained_path={tiny_models.flux}", f"data.csv={sft_csv}", f"train.run_dir={run_dir}",
+        "data.max_pixels=6144", "train.max_steps=3", "optim.lr=1e-2")
+    return run_dir / "checkpoints" / "step-000003"
+
+
+def test_merge_is_exact_and_matches_base_plus_lora(tiny_models, trained, tmp_path):
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from safetensors.torch import load_file
+
+    out = tmp_path / "merged"
+    run(SFT_DIR / "merge_lora.py", "--base", tiny_models.flux, "--lora", trained, "--out", out)
+    merged = Flux2Transformer2DModel.from_pretrained(out / "transformer").state_dict()
+    base = Flux2Transformer2DModel.from_pretrained(tiny_models.flux / "transformer").state_dict()
+    lora = load_file(trained / "pytorch_lora_weights.safetensors")
+    alpha, rank = 8.0, 4
+    fused = set()
+    for k, a in lora.items():
+        if ".lora_A." not in k:
+            continue
+        mod = k[len("transformer."):].replace(".lora_A.weight", "")
+        b = lora[k.replace("lora_A", "lora_B")]
+        torch.testing.assert_close(merged[mod + ".weight"], base[mod + ".weight"] + (alpha / rank) * b @ a,
+                                   rtol=1e-6, atol=1e-7)
+        fused.add(mod + ".weight")
+    assert len(fused) == 28
+    for k in base:  # everything else is untouched
+        if k not in fused:
+            assert torch.equal(merged[k], base[k]), k
+    assert not any("lora" in k for k in merged)  # no adapter left in the saved model
+    # component files other than transformer/ are byte-identical copies
+    for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for f in (tiny_models.flux / sub).iterdir():
+            assert (out / sub / f.name).read_bytes() == f.read_bytes()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["kind"] == "merged_pipeline" and meta["config"]["alpha"] == 8.0 and meta["config"]["fused_layers"] == 28
+    assert meta["parents"][1]["kind"] == "lora" and meta["parents"][1]["step"] == 3
+    # the merged pipeline edits exactly like base + LoRA loaded (unfused) by diffusers
+    img = Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype("uint8"))
+
+    def edit(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(image=img, prompt="Draw a red box for the question. Where?", height=64, width=96,
+                    num_inference_steps=3, guidance_scale=3.5, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images[0]
+
+    ref = Flux2KleinPipeline.from_pretrained(tiny_models.flux, dtype=torch.float32)
+    ref.load_lora_weights(trained)
+    np.testing.assert_allclose(edit(Flux2KleinPipeline.from_pretrained(out, dtype=torch.float32)), edit(ref),
+                               atol=1e-4)
+    assert not np.allclose(edit(Flux2KleinPipeline.from_pretrained(tiny_models.flux, dtype=torch.float32)), edit(ref),
+                           atol=1e-4)  # and the LoRA does change the edit
+
+
+def test_merge_accepts_diffsynth_naming_and_refuses_unknown_alpha(tiny_models, trained, tmp_path):
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(trained / "pytorch_lora_weights.safetensors")
+    ds = {k[len("transformer."):].replace(".weight", ".default.weight"): v for k, v in sd.items()}
+    path = tmp_path / "diffsynth" / "lora.safetensors"
+    path.parent.mkdir()
+    save_file(ds, path)
+    res = run(SFT_DIR / "merge_lora.py", "--base", tiny_models.flux, "--lora", path, "--out", tmp_path / "x", ok=False)
+    assert res.returncode == 2 and "alpha is not recorded" in res.stderr
+    run(SFT_DIR / "merge_lora.py", "--base", tiny_models.flux, "--lora", path, "--out", tmp_path / "m1", "--alpha", 8)
+    run(SFT_DIR / "merge_lora.py", "--base", tiny_models.flux, "--lora", trained, "--out", tmp_path / "m2")
+    a = Flux2Transformer2DModel.from_pretrained(tmp_path / "m1" / "transformer").state_dict()
+    b = Flux2Transformer2DModel.from_pretrained(tmp_path / "m2" / "transformer").state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    res = run(SFT_DIR / "merge_lora.py", "--base", tiny_models.flux, "--lora", trained, "--out", tmp_path / "m2", ok=False)
+    assert res.returncode == 2 and "exists" in res.stderr
+
+
+def test_merged_pipeline_is_evaluated_by_inference_dl3dv(tiny_models, trained, mllm_server, tmp_path):
+    out = tmp_path / "merged"
+    run(SFT_DIR / "merge_lora.py", "--base", tiny_models.flux, "--lora", trained, "--out", out)
+    spec = importlib.util.spec_from_file_location("etchr_mk_dl3dv", REPO / "scripts" / "make_dl3dv_fixture.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = mod.make(str(tmp_path / "dl3dv.parquet"), n=2)
+    result = tmp_path / "dl3dv.json"
+    run(REPO / "Evaluation" / "inference_dl3dv.py", "--pipe_path", out, "--vllm_baseurl", mllm_server.base_url,
+        "--model", mllm_server.model, "--data_parquet_path", data, "--result_file", result,
+        "--config", REPO / "configs" / "eval" / "tiny_demo.yaml")
+    rows = [json.loads(x) for x in result.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare_data.py
+# ----------------------------------------------------------------------------------------------
+def _png(seed, size=(80, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8")).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _shard(path, start, n, corrupt_row=None, drop_column=None):
+    cols = {"prompt": [f"Draw the shortest path of the maze in blue. Maze {start + i}" for i in range(n)],
+            "edit_image": [[{"bytes": _png(start + i), "path": f"in_{start + i}.png"}] for i in range(n)],
+            "image": [[{"bytes": b"garbage" if i == corrupt_row else _png(1000 + start + i),
+                        "path": f"out_{start + i}.png"}] for i in range(n)]}
+    types = {"prompt": pa.string(), "edit_image": IMAGE_TYPE, "image": IMAGE_TYPE}
+    if drop_column:
+        cols.pop(drop_column)
+    pq.write_table(pa.table({k: pa.array(v, types[k]) for k, v in cols.items()}), path)
+    return path
+
+
+def test_prepare_data_streams_resumes_and_trains(tiny_models, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _shard(src / "train-00000.parquet", 0, 3)
+    _shard(src / "train-00001.parquet", 3, 2)
+    out = tmp_path / "sft"
+    res = run(SFT_DIR / "prepare_data.py", "--input", str(src / "*.parquet"), "--out", out)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["rows"] == 5
+    import pandas as pd
+
+    df = pd.read_csv(out / "sft_data.csv")
+    assert list(df.columns[:3]) == ["image", "edit_image", "prompt"] and len(df) == 5
+    assert df.prompt[4].endswith("Maze 4")
+    first = out / df.image[0]
+    assert first.read_bytes() == _png(1000)  # the target, original bytes
+    assert (out / df.edit_image[0]).read_bytes() == _png(0)
+    assert (df.width[0], df.height[0]) == (80, 64)
+    # rerun: both shards are complete -> nothing is rewritten
+    mtime = first.stat().st_mtime_ns
+    run(SFT_DIR / "prepare_data.py", "--input", str(src / "*.parquet"), "--out", out)
+    assert first.stat().st_mtime_ns == mtime
+    # the CSV trains
+    run(SFT_DIR / "train_sft.py", "--config", REPO / "configs" / "sft" / "tiny_demo.yaml",
+        f"model.pretrained_path={tiny_models.flux}", f"data.csv={out / 'sft_data.csv'}",
+        f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2", "data.max_pixels=6144")
+
+
+def test_prepare_data_errors_name_shard_and_row(tmp_path):
+    bad = _shard(tmp_path / "bad.parquet", 0, 3, corrupt_row=1)
+    res = run(SFT_DIR / "prepare_data.py", "--input", bad, "--out", tmp_path / "o1", ok=False)
+    assert res.returncode == 2 and "bad.parquet row 1 image: image could not be decoded" in res.stderr
+    assert not (tmp_path / "o1" / "sft_data.csv").exists()
+    res = run(SFT_DIR / "prepare_data.py", "--input", bad, "--out", tmp_path / "o2", "--on_error", "skip")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (summary["rows"], summary["skipped"]) == (2, 1)
+    assert json.loads((tmp_path / "o2" / "skipped.jsonl").read_text())["row"] == 1
+    nocol = _shard(tmp_path / "nocol.parquet", 0, 2, drop_column="edit_image")
+    res = run(SFT_DIR / "prepare_data.py", "--input", nocol, "--out", tmp_path / "o3", ok=False)
+    assert res.returncode == 2 and "nocol.parquet: missing column(s) edit_image" in res.stderr

@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""SFT (Reasoning Imitation) of FLUX.2-klein as a question-conditioned editor: LoRA or full fine-tuning.
+
+    python SFT/train_sft.py --config configs/sft/tiny_demo.yaml [key=value ...]
+    accelerate launch --config_file configs/accelerate/ddp.yaml SFT/train_sft.py --config ...
+    NGPU=8 bash scripts/sft/train.sh --config configs/sft/klein9b_lora_r768.yaml
+
+The objective is PROTOCOL.md section 1 (etchr_sft.objective). Checkpoints (LoRA in diffusers naming
+with alpha, meta.json, optimizer / scheduler / RNG / data position) go to run_dir/checkpoints and a
+rerun resumes from the latest one (train.resume=auto).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from etchr_sft import runtime  # noqa: E402
+from etchr_sft.checkpoint import finalize, latest_checkpoint, meta, step_dir  # noqa: E402
+from etchr_sft.config import ConfigError, load_sft_config, save_config, split_cli, to_container  # noqa: E402
+from etchr_sft.data import BatchDataset, DataError, bucket_key, make_batches, read_csv, shard  # noqa: E402
+from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
+from etchr_sft.model import (DTYPES, TensorCache, add_lora, encode_images, encode_prompts, load_pipeline,  # noqa: E402
+                             lora_target_names, pack, pack_reference, velocity)
+from etchr_sft.objective import lookup, make_schedule, noisy_input, sample_generator, weighted_mse  # noqa: E402
+
+log = runtime.get_logger("etchr_sft")
+
+
+class Position:
+    """Where training stands; saved with every checkpoint (accelerate custom checkpoint object)."""
+
+    def __init__(self):
+        self.step, self.epoch, self.cursor = 0, 0, 0  # optimizer steps, epochs, micro-batches into the epoch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.cursor = int(state["step"]), int(state["epoch"]), int(state["cursor"])
+
+
+def main(argv=None) -> int:
+    try:
+        config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+        cfg = load_sft_config(config_path, overrides)
+        train(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(cfg) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    # ================================================================ build
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not cuda,
+                              mixed_precision=cfg.train.mixed_precision if cuda else "no")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.train.seed)
+    run_dir = Path(cfg.train.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
+    device = accelerator.device
+
+    pipe = load_pipeline(cfg.model.pretrained_path, DTYPES[cfg.model.dtype])
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    transformer = pipe.transformer
+    lora_info = None
+    if cfg.lora.enabled:
+        transformer.requires_grad_(False)
+        targets = lora_target_names(transformer, list(cfg.lora.targets), cfg.lora.single_blocks_to_out)
+        add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.dropout)
+        lora_info = {"rank": cfg.lora.rank, "alpha": float(cfg.lora.alpha), "targets": targets}
+    else:
+        transformer.requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+
+    rows = read_csv(cfg.data.csv, cfg.data.base_path)
+    keys = [bucket_key(r, cfg.data.max_pixels, cfg.data.multiple_of, cfg.data.reference_resize) for r in rows]
+    batches_per_epoch = len(shard(make_batches(keys, cfg.train.batch_size, cfg.train.seed, 0, cfg.data.aspect_buckets),
+                                  rank, world))
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    schedule_name = "constant_with_warmup" if cfg.optim.schedule == "constant" else "cosine"
+    lr_scheduler = get_scheduler(schedule_name, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=total_steps)
+    # The LR scheduler is stepped by hand, once per optimizer step, whatever the world size.
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    position = Position()
+    accelerator.register_for_checkpointing(lr_scheduler, position)
+    _register_lora_hooks(accelerator, cfg.lora.enabled)
+
+    n_trainable = sum(p.numel() for p in params)
+    runtime.print0(
+        f"[sft] {len(rows)} samples, {world} process(es) x batch {cfg.train.batch_size} x accumulation "
+        f"{cfg.train.grad_accum} = {cfg.train.batch_size * cfg.train.grad_accum * world} samples per optimizer "
+        f"step; {steps_per_epoch} steps/epoch; {total_steps} steps; "
+        f"{'LoRA r%d alpha %g on %d layers' % (cfg.lora.rank, cfg.lora.alpha, len(lora_info['targets'])) if lora_info else 'full fine-tuning'}"
+        f"; {n_trainable / 1e6:.3f} M trainable parameters")
+
+    resume_from = None
+    if cfg.train.resume == "auto":
+        resume_from = latest_checkpoint(run_dir)
+    elif cfg.train.resume != "never":
+        resume_from = Path(cfg.train.resume)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "training_state"))
+        runtime.print0(f"[sft] resumed from {resume_from} at step {position.step} (epoch {position.epoch}, "
+                       f"batch {position.cursor})")
+
+    schedule = make_schedule()
+    text_cache = TensorCache(str(run_dir / "cache" / "text") if cfg.data.cache_text_embeddings else None)
+    ref_cache = TensorCache(str(run_dir / "cache" / "reference") if cfg.data.cache_reference_latents else None)
+    metrics = runtime.MetricsWriter(run_dir, wandb_enabled=cfg.wandb, wandb_project=cfg.wandb_project,
+                                    config=to_container(cfg))
+
+    def compute_loss(batch: dict) -> torch.Tensor:
+        prompts, index = batch["prompt"], batch["index"].tolist()
+        embeds, text_ids = _cached_prompts(pipe, prompts, device, cfg.model.max_sequence_length, text_cache)
+        x0 = encode_images(pipe, batch["target"])  # (B, C, h, w)
+        ref = _cached_references(pipe, batch, rows, ref_cache)
+        x0_tok, x_ids = pack(x0.float())
+        ref_tok, ref_ids = pack_reference(ref)
+        # Per-sample timestep and noise from (seed, epoch, sample): independent of rank and world size.
+        gens = [sample_generator(cfg.train.seed, position.epoch, i) for i in index]
+        idx = torch.stack([torch.randint(0, len(schedule.sigmas), (1,), generator=g)[0] for g in gens])
+        eps = torch.stack([torch.randn(x0_tok.shape[1:], generator=g, dtype=torch.float32) for g in gens]).to(device)
+        sigma, t, w = lookup(schedule, idx, cfg.train.timestep_lookup)
+        x_t, target = noisy_input(x0_tok, eps, sigma.float().to(device))
+        v = velocity(transformer, x_t, x_ids, ref_tok, ref_ids, t.float().to(device), embeds, text_ids)
+        return weighted_mse(v, target, w.float().to(device))
+
+    # ================================================================ loop
+    t_start, t_step = time.time(), time.time()
+    loss_acc, micro = 0.0, 0
+    bar = runtime.progress(total=total_steps, desc="sft", unit="step", initial=position.step)
+    transformer.train()
+    while position.step < total_steps:
+        epoch_batches = shard(make_batches(keys, cfg.train.batch_size, cfg.train.seed, position.epoch,
+                                           cfg.data.aspect_buckets), rank, world)
+        dataset = BatchDataset(rows, epoch_batches[position.cursor:], max_pixels=cfg.data.max_pixels,
+                               multiple_of=cfg.data.multiple_of, reference_resize=cfg.data.reference_resize)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                             num_workers=cfg.data.num_workers, persistent_workers=False)
+        for batch in loader:
+            with accelerator.accumulate(transformer):
+                loss = compute_loss(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {position.step} "
+                                             f"(samples {batch['index'].tolist()})")
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    if cfg.optim.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+                    else:
+                        grad_norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            position.cursor += 1
+            loss_acc += loss.detach().float().item()
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            position.step += 1
+            mean_loss = accelerator.reduce(torch.tensor(loss_acc / micro, device=device), "mean").item()
+            loss_acc, micro = 0.0, 0
+            now = time.time()
+            if position.step % cfg.train.log_every == 0 or position.step == total_steps:
+                metrics.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
+                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                             "step_time_s": round(now - t_step, 4), "epoch": position.epoch}, step=position.step)
+            t_step = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if position.step % cfg.train.checkpoint_every == 0 or position.step == total_steps:
+                save_checkpoint(accelerator, transformer, cfg, position, lora_info)
+            if cfg.train.validate_every and (position.step % cfg.train.validate_every == 0
+                                             or position.step == total_steps):
+                validate(accelerator, pipe, transformer, cfg, rows, position.step, metrics)
+            if position.step >= total_steps:
+                break
+        else:
+            position.epoch += 1
+            position.cursor = 0
+    bar.close()
+    metrics.close()
+    accelerator.wait_for_everyone()
+    runtime.print0(f"[sft] done: {position.step} steps in {time.time() - t_start:.1f} s; checkpoints in "
+                   f"{run_dir / 'checkpoints'}")
+    accelerator.end_training()
+    return {"step": position.step, "transformer": accelerator.unwrap_model(transformer)}
+
+
+# ================================================================ save
+def _register_lora_hooks(accelerator, lora: bool) -> None:
+    """With LoRA, training_state holds only the trainable weights, not 9 B frozen ones."""
+    if not lora:
+        return
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for m in models:
+                sd = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(m)).items()}
+                save_file(sd, os.path.join(output_dir, "trainable.safetensors"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            m = models.pop()
+            sd = load_file(os.path.join(input_dir, "trainable.safetensors"))
+            result = set_peft_model_state_dict(accelerator.unwrap_model(m), sd)
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(f"{input_dir}: unexpected LoRA keys {result.unexpected_keys[:5]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, transformer, cfg, position: Position, lora_info) -> Path:
+    final = step_dir(cfg.train.run_dir, position.step)
+    tmp = final.parent / f".{final.name}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "training_state"))
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(transformer)
+        if lora_info:
+            save_lora(model, tmp, lora_info["rank"], lora_info["alpha"], lora_info["targets"])
+        else:
+            model.save_pretrained(tmp / "transformer")
+        finalize(tmp, final, meta(kind="lora" if lora_info else "full", step=position.step,
+                                  base_model=cfg.model.pretrained_path, config=to_container(cfg), lora=lora_info),
+                 cfg.train.keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@torch.no_grad()
+def validate(accelerator, pipe, transformer, cfg, rows, step: int, metrics) -> None:
+    """Edit the first `validation_items` rows with a fixed seed; PNGs in run_dir/validation/step-N."""
+    if not accelerator.is_main_process or cfg.train.validation_items <= 0:
+        accelerator.wait_for_everyone()
+        return
+    from PIL import Image
+
+    from etchr_sft.data import reference_size, target_size
+
+    model = accelerator.unwrap_model(transformer)
+    model.eval()
+    out_dir = Path(cfg.train.run_dir) / "validation" / f"step-{step:06d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, row in enumerate(rows[: cfg.train.validation_items]):
+        with Image.open(row.reference) as im:
+            ref = im.convert("RGB")
+        w, h = target_size(*row.size, cfg.data.max_pixels, cfg.data.multiple_of)
+        edit = pipe(image=ref, prompt=row.prompt, height=h, width=w, num_inference_steps=cfg.train.validation_steps,
+                    guidance_scale=cfg.train.validation_guidance,
+                    generator=torch.Generator(device=pipe.vae.device).manual_seed(cfg.train.seed + i),
+                    max_sequence_length=cfg.model.max_sequence_length).images[0]
+        edit.save(out_dir / f"{i:03d}.png")
+        images.append(edit)
+    model.train()
+    if metrics._wandb is not None:
+        import wandb
+
+        metrics._wandb.log({"validation": [wandb.Image(im) for im in images]}, step=step)
+    accelerator.wait_for_everyone()
+
+
+def _cached_prompts(pipe, prompts, device, max_len, cache: TensorCache):
+    if cache.root is None:
+        return encode_prompts(pipe, prompts, device, max_len)
+    embeds, ids = [], []
+    for p in prompts:
+        key = TensorCache.key("text", p, max_len)
+        hit = cache.get(key)
+        if hit is None:
+            hit = tuple(t[0].cpu() for t in encode_prompts(pipe, [p], device, max_len))
+            cache.put(key, hit)
+        embeds.append(hit[0])
+        ids.append(hit[1])
+    return torch.stack(embeds).to(device), torch.stack(ids).to(device)
+
+
+def _cached_references(pipe, batch, rows, cache: TensorCache):
+    if cache.root is None:
+        return encode_images(pipe, batch["reference"])
+    out = []
+    for j, i in enumerate(batch["index"].tolist()):
+        ref = batch["reference"][j: j + 1]
+        key = TensorCache.key("ref", rows[i].reference, tuple(ref.shape), os.path.getmtime(rows[i].reference))
+        hit = cache.get(key)
+        if hit is None:
+            hit = encode_images(pipe, ref)[0].cpu()
+            cache.put(key, hit)
+        out.append(hit)
+    return torch.stack(out).to(pipe.vae.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
