@@ -145,6 +145,9 @@ def run(cfg) -> dict:
                 "prompt_sha256": prompt_versions(), "git_sha": runtime.git_sha(), "config": to_container(cfg),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         paths = write_summary(run_dir, summary, meta)
+        from etchr_eval.paper import append_results_table
+
+        append_results_table(paths, summary, cfg.mllm.model)  # the paper's 11-column layout (Benchmarks issue)
         if cfg.report_html:
             originals = {f"{n}/{it.id}": it.image for n, items in data.items() for it in items}
             write_html(run_dir, rows_by_task, summary, originals, meta)

@@ -8,45 +8,13 @@ Scoring normalises prediction and ground truth to the option letter; a predictio
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional
 
 from ..extract import last_boxed
 from .base import DataError, Item, Task, read_table, register
+from .choice import parse_options, to_letter
 
-_OPTION = re.compile(r"(?:^|[\s;,\n(])\(?([A-Z])\s*[:.)]\s*")
-
-
-def parse_options(candidates: str) -> dict[str, str]:
-    """"A: red box; B. blue box; (C) tree" -> {"A": "red box", "B": "blue box", "C": "tree"}."""
-    marks = list(_OPTION.finditer(candidates))
-    out: dict[str, str] = {}
-    for k, m in enumerate(marks):
-        end = marks[k + 1].start() if k + 1 < len(marks) else len(candidates)
-        out[m.group(1)] = candidates[m.end():end].strip(" ;,.\n\t")
-    return out
-
-
-def _norm_text(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
-
-
-def to_letter(text: Optional[str], options: dict[str, str]) -> Optional[str]:
-    """Map an answer in any accepted form to its option letter; None if it names no option."""
-    if text is None:
-        return None
-    s = text.strip()
-    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s).strip()
-    m = re.fullmatch(r"\(?([A-Za-z])\)?(?:\s*[:.)]\s*(.*))?", s, flags=re.S)
-    if m and (m.group(1).upper() in options or not options) and (len(s) == 1 or m.group(2) is not None
-                                                                  or s.startswith("(")):
-        return m.group(1).upper()
-    target = _norm_text(s)
-    if target:
-        for letter, opt in options.items():
-            if _norm_text(opt) == target:
-                return letter
-    return None
+__all__ = ["load", "parse_options", "score", "to_letter"]  # the letter helpers moved to choice.py
 
 
 def load(path: str, limit: Optional[int] = None) -> list[Item]:
