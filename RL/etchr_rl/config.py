@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 # Schema
 # ----------------------------------------------------------------------------------------------
 # RL LoRA targets (PROTOCOL.md section 2): the SFT list without the single blocks' attn.to_out.
+REFERENCE_REWARD_WEIGHTS = {"guidance": 0.5, "correctness": 0.5}
 REFERENCE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                           "to_add_out", "linear_in", "linear_out", "to_qkv_mlp_proj"]
 
@@ -73,14 +74,19 @@ class JudgeConfig:
     max_retries: int = 3
     backoff_s: float = 1.0  # seconds; doubles per retry
     max_failure_rate: float = 0.2  # abort when the judge fails on more than this fraction of a step
+    drop_params: list = field(default_factory=list)  # sampling params not to send (transformers serve: [top_k])
 
 
 @dataclass
 class RewardConfig:
-    weights: dict = field(default_factory=lambda: {"guidance": 0.5, "correctness": 0.5})  # name -> weight
+    # name -> weight. Empty = the reference's {guidance: 0.5, correctness: 0.5}. (Empty by default so that
+    # weights given in a YAML or on the command line replace the set instead of merging into it.)
+    weights: dict = field(default_factory=dict)
     correctness_images: str = "original_and_edited"  # original_and_edited | edited_only (reference)
     gdpo: bool = True  # renormalise advantages across all ranks
     adv_clip: float = 5.0
+    guidance_answer_max_tokens: int = 1024  # tokens of the guidance reward's answer round (reference: 1024)
+    jigsaw_psnr_db: float = 20.0  # jigsaw_restore: reward 1 iff PSNR(edit, target) >= this
 
 
 @dataclass
@@ -104,6 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps; the final step is always saved
     keep_last: int = 3
     log_every: int = 1
+    grid_every: int = 10  # iterations; save an edit grid with rewards (0 = never)
     resume: str = "auto"  # auto | never | <checkpoint dir>
 
 
@@ -210,7 +217,7 @@ def validate_rl(cfg: DictConfig) -> None:
         raise ConfigError(f"reward.correctness_images={cfg.reward.correctness_images!r}: "
                           "use original_and_edited or edited_only")
     if not cfg.reward.weights:
-        raise ConfigError("reward.weights is empty: give at least one reward name -> weight")
+        cfg.reward.weights = dict(REFERENCE_REWARD_WEIGHTS)
     if not cfg.judge.endpoints:
         raise ConfigError("judge.endpoints is empty: list at least one OpenAI base URL")
     if not 0 <= cfg.judge.max_failure_rate <= 1:

@@ -1,0 +1,68 @@
+"""Rollouts: a group of G SDE trajectories for one prompt, with per-step log-probabilities.
+
+Text embeddings and reference latents are computed once per prompt. Initial noise is seeded per
+(seed, step, prompt, rank, sample), or per (seed, step, prompt, rank) for the whole group with
+same_init_noise_in_group (the reference used one unseeded noise for everything: PROTOCOL.md 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import decode, encode_prompt, encode_reference, latent_grid, output_size, prepare_source, target_ids, velocity
+from .sde import clean_estimate, sde_step, sigma_schedule
+
+
+@dataclass
+class Group:
+    """One prompt's rollouts. Tensors live on CPU between sampling and training."""
+    prompt_index: int
+    states: torch.Tensor  # (G, S, L, C) x_0 .. x_{S-1}: the inputs of each transition
+    next_states: torch.Tensor  # (G, S-1, L, C) sampled x_{k+1} of transitions 0 .. S-2 (the last is not trained)
+    logps: torch.Tensor  # (G, S-1) log-probabilities of those transitions under the sampling policy
+    means: torch.Tensor  # (G, S-1, L, C) their Gaussian means (for the rationorm ratio)
+    images: list = field(default_factory=list)  # G decoded edits (PIL)
+    size: tuple = (0, 0)  # (W, H)
+
+
+def noise_generator(seed: int, step: int, prompt: int, rank: int, sample: int, device="cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((((seed * 1_000_003 + step) * 10_007 + prompt) * 101 + rank) * 1_009 + sample)
+    return g
+
+
+@torch.no_grad()
+def sample_group(pipe, transformer, prompt: str, source, *, group_size: int, steps: int, shift: float, eta: float,
+                 seed: int, step: int, prompt_index: int, rank: int, same_init_noise: bool, resize: str,
+                 max_area: int, size: int, max_sequence_length: int = 512, batch_group: bool = True) -> Group:
+    device = next(transformer.parameters()).device
+    source = prepare_source(source.convert("RGB"), resize)
+    width, height = output_size(*source.size, resize, max_area, size)
+    embeds, text_ids = encode_prompt(pipe, prompt, device, max_sequence_length)
+    ref, ref_ids = encode_reference(pipe, source, device)  # once per prompt
+    h, w = latent_grid(pipe, width, height)
+    channels = transformer.config.in_channels
+    gens = [noise_generator(seed, step, prompt_index, rank, 0 if same_init_noise else j) for j in range(group_size)]
+    x = torch.stack([torch.randn(h * w, channels, generator=g) for g in gens]).to(device)
+    step_gens = [noise_generator(seed, step, prompt_index, rank, 10_000 + j) for j in range(group_size)]
+    sigmas = sigma_schedule(steps, shift)
+    ids = target_ids(h, w, group_size, device)
+    states, nexts, logps, means = [], [], [], []
+    chunks = [list(range(group_size))] if batch_group else [[j] for j in range(group_size)]
+    for k in range(steps):
+        sigma = torch.tensor([float(sigmas[k])], device=device)
+        v = torch.cat([velocity(transformer, x[c], ids[c], ref, ref_ids, sigma, embeds, text_ids) for c in chunks])
+        states.append(x.cpu())
+        if k == steps - 1:
+            x = clean_estimate(x, v, float(sigmas[k]))  # the last step decodes x - sigma v
+            break
+        noise = torch.stack([torch.randn(h * w, channels, generator=g) for g in step_gens]).to(device)
+        x, lp, mu = sde_step(x, v, sigmas, k, eta, noise)
+        nexts.append(x.cpu())
+        logps.append(lp.cpu())
+        means.append(mu.cpu())
+    images = decode(pipe, x, h, w)
+    return Group(prompt_index=prompt_index, states=torch.stack(states, 1), next_states=torch.stack(nexts, 1),
+                 logps=torch.stack(logps, 1), means=torch.stack(means, 1), images=images, size=(width, height))

@@ -1,0 +1,46 @@
+"""Reward prompts are byte-identical to ../shared/protocol/prompts (the source of truth) and load by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from etchr_rl.prompts import PROMPT_DIR, known_prompts, load_prompt, prompt_versions
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "protocol" / "prompts"
+OURS = ["reward_guidance_answer_v1", "reward_guidance_judge_v1", "reward_correct_box_v1", "reward_correct_maze_v1",
+        "reward_correct_jigsaw_v1", "reward_correct_3d_v1"]
+
+
+def test_the_reward_prompts_are_all_here():
+    assert known_prompts() == sorted(OURS)
+
+
+def test_protocol_prompt_copies_are_byte_identical():
+    if not SHARED.is_dir():
+        pytest.skip("../shared/protocol/prompts is not beside this checkout")
+    for name in OURS:
+        assert (PROMPT_DIR / f"{name}.txt").read_bytes() == (SHARED / f"{name}.txt").read_bytes(), name
+
+
+def test_known_texts_placeholders_and_errors():
+    # Leading newline and trailing newline are part of the protocol text.
+    assert load_prompt("reward_correct_maze_v1").startswith("\nPlease determine whether the following image")
+    assert load_prompt("reward_correct_box_v1").endswith('Only output "1" or "0", nothing else.\n')
+    assert load_prompt("reward_guidance_judge_v1").endswith("Model's Response: {response}\nYour Output: ")
+    assert "{question}" in load_prompt("reward_guidance_answer_v1")
+    # Only box and 3d ask about the question; jigsaw and maze have no placeholder at all.
+    for name, fields in [("reward_correct_box_v1", 1), ("reward_correct_3d_v1", 1), ("reward_correct_jigsaw_v1", 0),
+                         ("reward_correct_maze_v1", 0), ("reward_guidance_judge_v1", 3)]:
+        text = load_prompt(name)
+        assert text.count("{") == fields, name
+        assert text.format(question="Q", gt_answer="A", response="R").count("{") == 0
+    with pytest.raises(KeyError, match="known prompts: .*reward_guidance_judge_v1"):
+        load_prompt("reward_guidance_judge_v9")
+
+
+def test_versions_are_content_hashes():
+    v = prompt_versions()
+    assert sorted(v) == sorted(OURS) and all(len(h) == 16 for h in v.values())
+    assert len(set(v.values())) == len(OURS)

@@ -1,0 +1,380 @@
+#!/usr/bin/env python
+"""Flow-GRPO for the FLUX.2-klein editor with MLLM-judge and rule-based rewards (PROTOCOL.md 2).
+
+    python RL/train_grpo.py --config configs/rl/tiny_demo.yaml [key=value ...]
+    torchrun --nproc_per_node 8 RL/train_grpo.py --config configs/rl/klein9b_grpo.yaml
+    NGPU=8 bash scripts/rl/train.sh --config configs/rl/klein9b_grpo.yaml
+
+Per iteration and rank: sample `prompts_per_step` groups of G SDE trajectories (the judge scores
+group k while group k+1 is sampled), compute rewards (None = no signal), group-normalised advantages
+with GDPO across ranks, then the clipped-ratio loss on `int((S-1) * timestep_fraction)` random
+transitions per sample, `grad_accum` samples per optimizer step. Checkpoints at iteration ends:
+LoRA (diffusers naming, alpha), optimizer, RNG, step; a rerun resumes exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from etchr_rl import runtime  # noqa: E402
+from etchr_rl.advantages import combine, dist_gather, gdpo, zero_variance_fraction  # noqa: E402
+from etchr_rl.checkpoint import finalize, latest_checkpoint, meta, step_dir  # noqa: E402
+from etchr_rl.config import ConfigError, load_rl_config, save_config, split_cli, to_container  # noqa: E402
+from etchr_rl.lora import save_lora  # noqa: E402
+from etchr_rl.model import DTYPES, add_lora, load_pipeline, lora_target_names, velocity  # noqa: E402
+from etchr_rl.rollout import noise_generator, sample_group  # noqa: E402
+from etchr_rl.sde import clipped_loss, log_prob, ratio, sde_mean, sigma_schedule, step_noise_scale  # noqa: E402
+
+log = runtime.get_logger("etchr_rl")
+JUDGED = {"guidance", "correctness"}  # rewards that call the MLLM judge
+
+
+class Position:
+    def __init__(self):
+        self.step, self.iteration = 0, 0  # optimizer steps; rollout/train iterations done
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.iteration = int(state["step"]), int(state["iteration"])
+
+
+class BackgroundLoop:
+    """An asyncio loop in a thread: judge requests run while the GPU samples the next group."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="etchr-judge")
+        self.thread.start()
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def main(argv=None) -> int:
+    from etchr_rl.judge import JudgeUnreachable
+    from etchr_rl.rewards import RewardFailure
+
+    try:
+        config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+        cfg = load_rl_config(config_path, overrides)
+        train(cfg)
+    except RewardFailure as exc:
+        print(f"aborted: {exc}", file=sys.stderr)
+        return 3
+    except (ConfigError, FileNotFoundError, ValueError, JudgeUnreachable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(cfg) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from etchr_rl import rewards as R
+    from etchr_rl.data import read_jsonl
+    from etchr_rl.judge import JudgeClient
+
+    # ================================================================ build
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    set_seed(cfg.train.seed)
+    s = cfg.sampling
+    G, S = s.group_size, s.steps
+    n_train = max(1, int((S - 1) * s.timestep_fraction))  # 24 * 0.6 -> 14 (PROTOCOL.md 2)
+    samples_per_iter = cfg.train.prompts_per_step * G
+    if samples_per_iter % cfg.train.grad_accum:
+        raise ConfigError(f"prompts_per_step * group_size = {samples_per_iter} is not a multiple of "
+                          f"train.grad_accum = {cfg.train.grad_accum}")
+    steps_per_iter = samples_per_iter // cfg.train.grad_accum
+    run_dir = Path(cfg.train.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
+
+    prompts = read_jsonl(cfg.data.jsonl, cfg.data.root)
+    names = list(cfg.reward.weights)
+    unknown = [n for n in names if n not in R.REWARDS]
+    if unknown:
+        raise ConfigError(f"reward.weights names unknown reward(s) {unknown}; known: {sorted(R.REWARDS)}")
+    if "correctness" in names:
+        R.check_routable([p.instruction for p in prompts])  # a clear error before any GPU work
+    judge = None
+    bg = BackgroundLoop()
+    if JUDGED & set(names):
+        judge = JudgeClient.from_config(cfg.judge)
+        bg.submit(judge.check_reachable()).result()
+
+    pipe = load_pipeline(cfg.model.pretrained_path, DTYPES[cfg.model.dtype])
+    pipe.vae.to(device)
+    pipe.text_encoder.to(device)
+    transformer = pipe.transformer
+    transformer.requires_grad_(False)
+    targets = lora_target_names(transformer, list(cfg.lora.targets))
+    add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, targets)
+    lora_info = {"rank": cfg.lora.rank, "alpha": float(cfg.lora.alpha), "targets": targets}
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    model, optimizer = accelerator.prepare(transformer, optimizer)
+    position = Position()
+    accelerator.register_for_checkpointing(position)
+    _register_lora_hooks(accelerator)
+    runtime.print0(f"[rl] {len(prompts)} prompts; {world} rank(s) x {cfg.train.prompts_per_step} prompt(s) x G={G} "
+                   f"= {samples_per_iter * world} rollouts per iteration; {S} SDE steps, {n_train} trained per "
+                   f"sample; accumulation {cfg.train.grad_accum} samples -> {steps_per_iter} optimizer steps per "
+                   f"iteration; rewards {dict(cfg.reward.weights)}; LoRA r{cfg.lora.rank} alpha {cfg.lora.alpha:g} "
+                   f"on {len(targets)} layers")
+
+    resume_from = None
+    if cfg.train.resume == "auto":
+        resume_from = latest_checkpoint(run_dir)
+    elif cfg.train.resume != "never":
+        resume_from = Path(cfg.train.resume)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "training_state"))
+        runtime.print0(f"[rl] resumed from {resume_from} at step {position.step} (iteration {position.iteration})")
+
+    sigmas = sigma_schedule(S, s.shift)
+    metrics = runtime.MetricsWriter(run_dir, wandb_enabled=cfg.wandb, wandb_project=cfg.wandb_project,
+                                    config=to_container(cfg))
+    bar = runtime.progress(total=cfg.train.max_steps, desc="grpo", unit="step", initial=position.step)
+
+    # ================================================================ loop
+    try:
+        while position.step < cfg.train.max_steps:
+            it = position.iteration
+            t0 = time.time()
+            # ---- rollout (the judge scores group k while group k+1 is sampled)
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.eval()
+            groups, futures, batch_prompts = [], [], []
+            for i in range(cfg.train.prompts_per_step):
+                p_index = ((it * world + rank) * cfg.train.prompts_per_step + i) % len(prompts)
+                prompt = prompts[p_index]
+                source = _load_source(prompt)
+                g = sample_group(pipe, unwrapped, prompt.instruction, source, group_size=G, steps=S, shift=s.shift,
+                                 eta=s.eta, seed=cfg.train.seed, step=it, prompt_index=p_index, rank=rank,
+                                 same_init_noise=s.same_init_noise_in_group, resize=cfg.data.resize,
+                                 max_area=cfg.data.max_area, size=cfg.data.size,
+                                 max_sequence_length=cfg.model.max_sequence_length, batch_group=s.batch_group)
+                inputs = [R.RewardInput(instruction=prompt.instruction, question=prompt.question, answer=prompt.answer,
+                                        original=source, edited=img, meta=prompt.meta) for img in g.images]
+                futures.append(bg.submit(R.compute_rewards(inputs, names, judge, cfg)))
+                groups.append(g)
+                batch_prompts.append(prompt)
+            t_rollout = time.time() - t0
+            # ---- rewards
+            t1 = time.time()
+            rewards = {n: [] for n in names}
+            for f in futures:
+                for n, vals in f.result().items():
+                    rewards[n].extend(vals)
+            t_reward = time.time() - t1
+            fail_rate = R.failure_rate(rewards)
+            R.check_failures(rewards, cfg.judge.max_failure_rate, judge=judge)  # raises RewardFailure: run aborts
+            group_ids = [gi for gi in range(len(groups)) for _ in range(G)]
+            adv, valid = combine(rewards, dict(cfg.reward.weights), group_ids)
+            zero_frac = zero_variance_fraction(adv, group_ids)
+            if cfg.reward.gdpo:
+                adv = gdpo(adv, valid, cfg.reward.adv_clip, gather=dist_gather)
+            else:
+                adv = adv.clamp(-cfg.reward.adv_clip, cfg.reward.adv_clip)
+            # ---- train
+            t2 = time.time()
+            unwrapped.train()
+            stats = train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, batch_prompts,
+                                    adv, sigmas, n_train, position, it, rank, device, bar)
+            t_train = time.time() - t2
+            position.iteration += 1
+            row = {"iteration": position.iteration, "rollout_s": round(t_rollout, 3), "reward_s": round(t_reward, 3),
+                   "train_s": round(t_train, 3), "judge_failure_rate": fail_rate, "zero_variance_groups": zero_frac,
+                   **{f"reward/{n}": _mean(v) for n, v in rewards.items()}, **stats}
+            if judge is not None:
+                js = judge.stats()
+                row.update({f"judge/{k}": v for k, v in js.items()})
+            metrics.log(row, step=position.step)
+            if accelerator.is_main_process and cfg.train.grid_every and it % cfg.train.grid_every == 0:
+                _save_grid(run_dir, it, groups, rewards, G, metrics)
+            crossed = position.step // cfg.train.checkpoint_every != (position.step - steps_per_iter) // cfg.train.checkpoint_every
+            if crossed or position.step >= cfg.train.max_steps:
+                save_checkpoint(accelerator, model, cfg, position, lora_info)
+    finally:
+        bar.close()
+        metrics.close()
+        if judge is not None:
+            bg.submit(judge.aclose()).result()
+        bg.close()
+    accelerator.wait_for_everyone()
+    runtime.print0(f"[rl] done: {position.step} steps, {position.iteration} iterations; checkpoints in "
+                   f"{run_dir / 'checkpoints'}")
+    accelerator.end_training()
+    return {"step": position.step, "transformer": accelerator.unwrap_model(model)}
+
+
+def train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, batch_prompts, adv, sigmas,
+                    n_train, position, it, rank, device, bar) -> dict:
+    """The clipped-ratio loss on the stored trajectories; one optimizer step per grad_accum samples."""
+    from etchr_rl.model import encode_prompt, encode_reference, latent_grid, target_ids
+
+    s = cfg.sampling
+    G, S = s.group_size, s.steps
+    accum = cfg.train.grad_accum
+    ratios, clipped, losses, grad_norms, kls = [], [], [], [], []
+    sample = 0
+    for gi, (g, prompt) in enumerate(zip(groups, batch_prompts)):
+        embeds, text_ids = encode_prompt(pipe, prompt.instruction, device, cfg.model.max_sequence_length)
+        from etchr_rl.model import prepare_source
+
+        ref, ref_ids = encode_reference(pipe, prepare_source(_load_source(prompt), cfg.data.resize), device)
+        h, w = latent_grid(pipe, *g.size)
+        ids = target_ids(h, w, 1, device)
+        for j in range(G):
+            a = adv[sample].to(device=device, dtype=torch.float32).view(1)
+            # 14 of the 24 kept transitions, drawn per sample (seeded: resume and ranks reproduce it)
+            pick = torch.randperm(S - 1, generator=noise_generator(cfg.train.seed, it, g.prompt_index, rank,
+                                                                    20_000 + j))[:n_train].sort().values.tolist()
+            last_in_window = (sample + 1) % accum == 0
+            for n, k in enumerate(pick):
+                sync = last_in_window and n == len(pick) - 1
+                ctx = nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
+                with ctx:
+                    x = g.states[j, k].unsqueeze(0).to(device)
+                    sigma_k, dt, sc = step_noise_scale(sigmas, k, s.eta)
+                    v = velocity(model, x, ids, ref, ref_ids, torch.tensor([sigma_k], device=device), embeds, text_ids)
+                    mu_new = sde_mean(x, v, sigmas, k, s.eta)
+                    x_next = g.next_states[j, k].unsqueeze(0).to(device)
+                    mu_old = g.means[j, k].unsqueeze(0).to(device)
+                    logp_new = log_prob(x_next, mu_new, sc)
+                    r = ratio(logp_new, g.logps[j, k].view(1).to(device), mu_new, mu_old, sc)
+                    loss = clipped_loss(a, r, cfg.optim.clip_range, dt).mean()
+                    if cfg.optim.kl_coef > 0:
+                        with torch.no_grad():
+                            unwrapped.disable_adapters()
+                            v_ref = velocity(unwrapped, x, ids, ref, ref_ids, torch.tensor([sigma_k], device=device),
+                                             embeds, text_ids)
+                            unwrapped.enable_adapters()
+                        kl = ((mu_new - sde_mean(x, v_ref, sigmas, k, s.eta)) ** 2).mean() / (2 * sc * sc)
+                        loss = loss + cfg.optim.kl_coef * kl
+                        kls.append(kl.item())
+                    accelerator.backward(loss / (accum * n_train))
+                ratios.append(r.item())
+                clipped.append(float(abs(r.item() - 1.0) > cfg.optim.clip_range))
+                losses.append(loss.item())
+            sample += 1
+            if last_in_window:
+                norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+                grad_norms.append(float(norm) if norm is not None else float("nan"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                position.step += 1
+                bar.update(1)
+    out = {"loss": _mean(losses), "ratio_mean": _mean(ratios), "clip_fraction": _mean(clipped),
+           "grad_norm": _mean(grad_norms), "advantage_abs_mean": float(adv.abs().mean())}
+    if kls:
+        out["kl"] = _mean(kls)
+    return out
+
+
+# ================================================================ save
+def _register_lora_hooks(accelerator) -> None:
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for m in models:
+                sd = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(m)).items()}
+                save_file(sd, os.path.join(output_dir, "trainable.safetensors"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            m = models.pop()
+            set_peft_model_state_dict(accelerator.unwrap_model(m), load_file(os.path.join(input_dir, "trainable.safetensors")))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, model, cfg, position: Position, lora_info) -> Path:
+    import shutil
+
+    final = step_dir(cfg.train.run_dir, position.step)
+    tmp = final.parent / f".{final.name}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "training_state"))
+    if accelerator.is_main_process:
+        save_lora(accelerator.unwrap_model(model), tmp, lora_info["rank"], lora_info["alpha"], lora_info["targets"])
+        finalize(tmp, final, meta(kind="lora", step=position.step, base_model=cfg.model.pretrained_path,
+                                  config=to_container(cfg), lora=lora_info), cfg.train.keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _save_grid(run_dir: Path, it: int, groups, rewards: dict, G: int, metrics) -> None:
+    """One row per group: its G edits, each captioned with its rewards."""
+    from PIL import Image, ImageDraw
+
+    thumbs = 160
+    grid = Image.new("RGB", (G * thumbs, len(groups) * (thumbs + 14)), "white")
+    draw = ImageDraw.Draw(grid)
+    for gi, g in enumerate(groups):
+        for j, img in enumerate(g.images):
+            t = img.copy()
+            t.thumbnail((thumbs, thumbs))
+            grid.paste(t, (j * thumbs, gi * (thumbs + 14)))
+            label = " ".join(f"{n[:4]}={_fmt(v[gi * G + j])}" for n, v in rewards.items())
+            draw.text((j * thumbs + 2, gi * (thumbs + 14) + thumbs), label, fill=(0, 0, 0))
+    out = run_dir / "grids" / f"iter-{it:06d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    if metrics._wandb is not None:
+        import wandb
+
+        metrics._wandb.log({"edit_grid": wandb.Image(grid)})
+
+
+def _load_source(prompt):
+    from PIL import Image
+
+    with Image.open(prompt.source_image) as im:
+        return im.convert("RGB")
+
+
+def _fmt(v) -> str:
+    return "None" if v is None else f"{v:.2f}"
+
+
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
