@@ -3,11 +3,13 @@
 
     bash env_setup.sh && .venv/bin/python scripts/demo.py [--out demo_out]
 
-Steps: build the tiny FLUX.2-klein and Qwen3-VL twins (scripts/make_tiny_models.py), generate a small
-DL3DV-schema benchmark, start the real local MLLM server (transformers serve on 127.0.0.1), edit one
-generated image through diffusers' Flux2KleinPipeline and ask one question about original + edit,
-then run the Edit-Verify-Reason evaluation (Evaluation/evaluate.py) with its baseline, tables and
-HTML report, and stop the server. The models are random: the edit is noise and the answer is gibberish; the point is
+Steps: build the tiny FLUX.2-klein and Qwen3-VL twins (scripts/make_tiny_models.py) and the embedded
+procedural benchmark (scripts/build_benchmark.py: all 11 columns + SFT/GRPO training exports), start
+the real local MLLM server (transformers serve on 127.0.0.1), edit one generated image through
+diffusers' Flux2KleinPipeline and ask one question about original + edit, then run the whole chain
+with the real entry scripts: SFT (prepare_data -> train_sft -> merge_lora) -> RL (prepare_data ->
+train_grpo judged by the local server -> merge_lora) -> Edit-Verify-Reason evaluation of the
+RL-merged editor on all 11 columns (tables, the 11-column table, HTML report); stop the server. The models are random: the edit is noise and the answer is gibberish; the point is
 that every part of the real code path runs.
 """
 
@@ -62,33 +64,44 @@ def data_uri(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_step(title: str, cmd: list[str]) -> None:
     import subprocess
 
+    print(f"      $ {' '.join(str(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO)
+    print(f"      {title} done in {time.time() - t0:.1f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", help="output folder (models, data, runs)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--items", type=int, default=8, help="DL3DV-style items to evaluate")
+    ap.add_argument("--items", type=int, default=2, help="items per procedural family of the embedded benchmark")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
     t0 = time.time()
     print(BANNER, RANDOM_NOTE, BANNER, sep="\n", flush=True)
 
     # ---- 1. tiny models ------------------------------------------------------------------------
-    print("[1/5] building tiny models ...", flush=True)
+    print("[1/7] building tiny models ...", flush=True)
     dirs = _script("make_tiny_models").build(out / "tiny_models", seed=args.seed)
     flux_dir, qwen_dir = dirs["flux2-klein-tiny"], dirs["qwen3-vl-tiny"]
 
     # ---- 2. data -----------------------------------------------------------------------------------
-    print(f"[2/5] generating {args.items} DL3DV-2k-schema items (procedural scenes) ...", flush=True)
-    data = _script("make_dl3dv_fixture").make(str(out / "data" / "dl3dv.parquet"), n=args.items, seed=args.seed)
+    print(f"[2/7] building the embedded benchmark ({args.items} items per family, all 11 columns + training "
+          "exports) ...", flush=True)
+    bench = out / "benchmark"
+    run_step("benchmark", [py, HERE / "build_benchmark.py", "--out", bench, "--n", args.items, "--seed", args.seed])
 
     # ---- 3. server ---------------------------------------------------------------------------------
-    print("[3/5] starting transformers serve (tiny Qwen3-VL) on 127.0.0.1 ...", flush=True)
+    print("[3/7] starting transformers serve (tiny Qwen3-VL) on 127.0.0.1 ...", flush=True)
     srv_mod = _script("local_mllm_server")
     with srv_mod.LocalMLLMServer(qwen_dir, log_path=out / "server.log") as server:
         print(f"      up at {server.base_url} (pid {server.pid})", flush=True)
+        endpoints = f"[{server.base_url}]"
 
         # ---- 4. one edit + one question, by hand ----------------------------------------------------
         import torch
@@ -96,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         from openai import OpenAI
 
         question = "Which shape is closest to the top-right corner? Answer with its colour."
-        print("[4/5] one edit with Flux2KleinPipeline (4 steps, CFG 3.5) and one question about original + edit ...",
+        print("[4/7] one edit with Flux2KleinPipeline (4 steps, CFG 3.5) and one question about original + edit ...",
               flush=True)
         pipe = Flux2KleinPipeline.from_pretrained(flux_dir, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
@@ -115,16 +128,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      question : {question}\n      edit     : {out / 'edit.png'}\n"
               f"      answer   : {reply.choices[0].message.content!r}", flush=True)
 
-        # ---- 5. Edit-Verify-Reason evaluation (the real entry script) ------------------------------
-        print("[5/5] Evaluation/evaluate.py: Edit-Verify-Reason + baseline on the generated items ...", flush=True)
+        # ---- 5. SFT: prepare -> train -> merge --------------------------------------------------------
+        print("[5/7] SFT: prepare_data -> train_sft (LoRA, 4 steps) -> merge_lora ...", flush=True)
+        sft_data, sft_run, sft_merged = out / "data" / "sft", out / "runs" / "sft", out / "models" / "sft-merged"
+        run_step("SFT data", [py, REPO / "SFT" / "prepare_data.py", "--input", bench / "train" / "sft.parquet",
+                              "--out", sft_data])
+        run_step("SFT training", [py, REPO / "SFT" / "train_sft.py", "--config", REPO / "configs" / "sft" / "tiny_demo.yaml",
+                                  f"model.pretrained_path={flux_dir}", f"data.csv={sft_data / 'sft_data.csv'}",
+                                  f"train.run_dir={sft_run}"])
+        if sft_merged.exists():
+            import shutil
+
+            shutil.rmtree(sft_merged)
+        run_step("SFT merge", [py, REPO / "SFT" / "merge_lora.py", "--base", flux_dir, "--lora",
+                               sft_run / "checkpoints" / "step-000004", "--out", sft_merged])
+
+        # ---- 6. RL: prepare -> train (judged by the local server) -> merge ----------------------------
+        print("[6/7] RL: prepare_data -> train_grpo (G=2, judge = the local server) -> merge_lora ...", flush=True)
+        rl_data, rl_run, rl_merged = out / "data" / "rl", out / "runs" / "rl", out / "models" / "rl-merged"
+        run_step("RL data", [py, REPO / "RL" / "prepare_data.py", "--input", bench / "train" / "grpo.parquet",
+                             "--out", rl_data])
+        run_step("RL training", [py, REPO / "RL" / "train_grpo.py", "--config", REPO / "configs" / "rl" / "tiny_demo.yaml",
+                                 f"model.pretrained_path={sft_merged}", f"data.jsonl={rl_data / 'grpo.jsonl'}",
+                                 f"train.run_dir={rl_run}", f"judge.endpoints={endpoints}",
+                                 f"judge.model={server.model}"])
+        if rl_merged.exists():
+            import shutil
+
+            shutil.rmtree(rl_merged)
+        run_step("RL merge", [py, REPO / "RL" / "merge_lora.py", "--base", sft_merged, "--lora",
+                              rl_run / "checkpoints" / "step-000002", "--out", rl_merged])
+
+        # ---- 7. Edit-Verify-Reason on all 11 columns -----------------------------------------------
+        print("[7/7] Evaluation/evaluate.py: Edit-Verify-Reason + baseline on the 11 columns, RL-merged editor ...",
+              flush=True)
         run_dir = out / "runs" / "eval"
-        cmd = [sys.executable, str(REPO / "Evaluation" / "evaluate.py"), "--config",
-               str(REPO / "configs" / "eval" / "tiny_demo.yaml"), f"editor.pipe_path={flux_dir}",
-               f"mllm.model={server.model}", f"mllm.endpoints=[{server.base_url}]", f"tasks.dl3dv.path={data}",
-               f"run_dir={run_dir}"]
-        print("      $ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=REPO)
+        import json
+
+        manifest = json.loads((bench / "manifest.json").read_text())
+        task_paths = [f"tasks.{t}.path={bench / info['file']}" for t, info in manifest["tasks"].items()]
+        run_step("evaluation", [py, REPO / "Evaluation" / "evaluate.py", "--config",
+                                REPO / "configs" / "eval" / "embedded_benchmark.yaml", f"editor.pipe_path={rl_merged}",
+                                f"mllm.model={server.model}", f"mllm.endpoints={endpoints}", f"run_dir={run_dir}",
+                                *task_paths])
     print(BANNER)
+    print(f"chain    : {flux_dir} -> SFT {sft_merged} -> RL {rl_merged}")
     print(f"results  : {run_dir / 'results.jsonl'}")
     print(f"tables   : {run_dir / 'summary.md'}")
     print(f"report   : {run_dir / 'report.html'}  (open in a browser; works offline)")

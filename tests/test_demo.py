@@ -1,19 +1,25 @@
-"""The README demo, run as users run it (a subprocess of the real script)."""
+"""The README demo, run as users run it (a subprocess of the real script): the whole chain."""
 
+import json
 import subprocess
 import sys
 
 from conftest import REPO
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_the_whole_chain(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "RANDOM weights" in res.stdout and "server stopped" in res.stdout
-    assert (tmp_path / "edit.png").is_file() and (tmp_path / "original.png").is_file()
-    assert "answer   :" in res.stdout
+                         capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    out = res.stdout
+    assert "RANDOM weights" in out and "server stopped" in out and "answer   :" in out
+    # SFT -> merge -> RL -> merge -> evaluation, each through its real entry script
+    sft_meta = json.loads((tmp_path / "models" / "sft-merged" / "meta.json").read_text())
+    rl_meta = json.loads((tmp_path / "models" / "rl-merged" / "meta.json").read_text())
+    assert sft_meta["tree"] == "sft" and rl_meta["tree"] == "rl"
+    assert rl_meta["parents"][0]["tree"] == "sft"  # the RL model's lineage goes back through SFT
     run = tmp_path / "runs" / "eval"
-    assert (run / "report.html").is_file() and (run / "summary.md").is_file()
-    assert len((run / "results.jsonl").read_text().splitlines()) == 8
-    assert "| dl3dv | 8 |" in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["tasks"]) == 11 and (run / "report.html").is_file()
+    assert "| row | V* | HRBench-4K | HRBench-8K | ChartQA | CharXiv-DQ | CharXiv-RQ | Maze | FrozenLake |" in out
+    assert summary["meta"]["pipe_path"].endswith("rl-merged")
