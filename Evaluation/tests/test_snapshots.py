@@ -78,3 +78,45 @@ def test_snapshots_say_what_the_protocol_says():
     assert len(json.loads((SNAPSHOTS / "dl3dv_rejected.json").read_text())) == 2  # nothing is asked twice
     assert len(json.loads((SNAPSHOTS / "dl3dv_rejected_no_baseline.json").read_text())) == 2
     assert "<jpeg image>" in (SNAPSHOTS / "dl3dv_jpeg.json").read_text()
+
+
+ALL_TASKS = ["vstar", "hrbench_4k", "hrbench_8k", "chartqa", "charxiv_dq", "charxiv_rq", "maze", "frozenlake",
+             "coco_jigsaw", "viewspatial", "dl3dv"]
+
+
+def test_request_snapshot_of_every_task(tiny_models, tmp_path, make_double_server):
+    """One item of each of the 11 columns through the real evaluate.py; the requests of each task
+    (verify, reason with one or two images, baseline, CharXiv's judge) are frozen per task."""
+    from etchr_eval.tasks import get_task
+
+    bench = tmp_path / "bench"
+    res = subprocess.run([sys.executable, str(EVAL_DIR.parent / "scripts" / "build_benchmark.py"), "--out", str(bench),
+                          "--n", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads((bench / "manifest.json").read_text())
+    assert sorted(manifest["tasks"]) == sorted(ALL_TASKS)
+    srv = make_double_server()
+    args = [f"editor.pipe_path={tiny_models.flux}", "editor.steps=2", "editor.max_area=16384",
+            "mllm.model=Qwen/Qwen3-VL-8B-Instruct", f"mllm.endpoints=[{srv.base_url}]", f"run_dir={tmp_path / 'run'}",
+            "report_html=false"]
+    args += [f"tasks.{t}.path={bench / manifest['tasks'][t]['file']}" for t in ALL_TASKS]
+    args += [f"tasks.{t}.limit=1" for t in ALL_TASKS]
+    res = subprocess.run([sys.executable, str(EVAL_DIR / "evaluate.py"), *args], capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    questions = {t: get_task(t).load(str(bench / manifest["tasks"][t]["file"]), 1)[0].question for t in ALL_TASKS}
+    by_task: dict[str, list] = {t: [] for t in ALL_TASKS}
+    for req in srv.requests:
+        text = json.dumps(req, ensure_ascii=False)
+        owners = [t for t, q in questions.items() if json.dumps(q, ensure_ascii=False)[1:-1] in text]
+        assert len(owners) >= 1, f"request of no task: {text[:300]}"
+        by_task[max(owners, key=lambda t: len(questions[t]))].append(req)
+    for task in ALL_TASKS:
+        got = normalise(by_task[task])
+        assert len(got) >= 3, task  # baseline, verify and a reason (or the shared baseline) at least
+        path = SNAPSHOTS / "tasks" / f"{task}.json"
+        if os.environ.get("ETCHR_UPDATE_SNAPSHOTS") == "1":
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(got, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        assert path.is_file(), f"missing snapshot {path}; run with ETCHR_UPDATE_SNAPSHOTS=1"
+        assert got == json.loads(path.read_text()), task

@@ -166,3 +166,25 @@ def test_merge_applies_alpha_and_runs_in_evaluation(tiny_models, grpo_jsonl, tmp
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| dl3dv | 2 |" in res.stdout
+
+
+def test_rule_based_rewards_only(tiny_models, grpo_jsonl, tmp_path, dead_url):
+    """No judge at all (the endpoint is dead and never asked): maze_path and jigsaw_restore rewards."""
+    run_dir = tmp_path / "run"
+    run(args(tiny_models, grpo_jsonl, run_dir, dead_url(), "reward.weights={maze_path: 1.0, jigsaw_restore: 1.0}",
+             "train.max_steps=4", "train.prompts_per_step=2", "train.grad_accum=2"))
+    rows = metrics(run_dir)
+    assert len(rows) == 2 and all("judge/requests" not in r for r in rows)
+    assert all(r["reward/maze_path"] is not None for r in rows)  # the first prompts are mazes
+    assert (run_dir / "checkpoints" / "step-000004" / "meta.json").is_file()
+
+
+def test_kl_to_the_lora_disabled_model(tiny_models, grpo_jsonl, tmp_path, make_double_server):
+    srv = make_double_server(rules=[("", "hash01")])
+    run_dir = tmp_path / "run"
+    run(args(tiny_models, grpo_jsonl, run_dir, srv.base_url, "reward.weights={correctness: 1.0}", "train.max_steps=6",
+             "optim.kl_coef=0.1", "optim.lr=1e-2"))
+    rows = metrics(run_dir)
+    # B starts at zero (the policy is the base model: KL 0); once an update lands the LoRA moves it away
+    assert all(r["kl"] >= 0 for r in rows) and max(r["kl"] for r in rows) > 0
+    assert any(r["loss"] != 0 for r in rows)

@@ -145,3 +145,17 @@ def test_reference_lora_targets_are_144_layers_on_the_9b_shape(tmp_path):
     params = sum(768 * (mods[n].in_features + mods[n].out_features) for n in names)
     assert 2.0e9 < params < 2.2e9  # "2.09 B trainable params"
     assert len(lora_target_names(t, REFERENCE_LORA_TARGETS, single_blocks_to_out=False)) == 120  # RL's list
+
+
+def test_batch_of_two_with_buckets_and_caches_match_uncached(tiny_models, sft_csv, tmp_path):
+    """batch_size 2 runs on aspect buckets (the fixture has two sizes); cached text embeddings and
+    reference latents give the same losses as recomputing them."""
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    run_train(args(tiny_models, sft_csv, plain, "train.batch_size=2", "train.max_steps=3"))
+    run_train(args(tiny_models, sft_csv, cached, "train.batch_size=2", "train.max_steps=3",
+                   "data.cache_text_embeddings=true", "data.cache_reference_latents=true"))
+    assert losses(cached) == pytest.approx(losses(plain), rel=1e-5)
+    assert len(list((cached / "cache" / "text").glob("*.pt"))) == 6  # 3 steps x 2 prompts, all distinct
+    assert len(list((cached / "cache" / "reference").glob("*.pt"))) == 6
+    assert "2 samples per optimizer step" in (run_train(args(tiny_models, sft_csv, tmp_path / "again",
+                                                             "train.batch_size=2", "train.max_steps=1")).stdout)
