@@ -38,6 +38,11 @@ class EditorConfig:
     multiple_of: int = 16  # pixels; output sides are multiples of this
     size_mode: str = "keep_aspect"  # keep_aspect | reference_clamp (min(W,1024), min(H,1024) per side)
     max_sequence_length: int = 512  # text tokens (FLUX.2-klein pads to 512)
+    # Speed options (docs/PERFORMANCE.md gives their measured speed and fidelity); all off = exact.
+    compile: bool = False  # torch.compile the transformer's repeated blocks (regional compilation)
+    step_cache: str = "none"  # none | taylorseer (diffusers TaylorSeer cache: extrapolates steps; approximate)
+    step_cache_interval: int = 2  # taylorseer: a full forward every N steps, extrapolated in between
+    step_cache_warmup: int = 4  # taylorseer: the first N steps are always computed in full
 
 
 @dataclass
@@ -160,6 +165,10 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ConfigError(f"editor.size_mode={e.size_mode!r}: use keep_aspect or reference_clamp")
     if e.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"editor.dtype={e.dtype!r}: use auto, bf16, fp16 or fp32")
+    if e.step_cache not in ("none", "taylorseer"):
+        raise ConfigError(f"editor.step_cache={e.step_cache!r}: use none or taylorseer")
+    if e.step_cache_interval < 1 or e.step_cache_warmup < 0:
+        raise ConfigError("editor.step_cache_interval >= 1 and editor.step_cache_warmup >= 0 are required")
     if e.steps < 1:
         raise ConfigError(f"editor.steps={e.steps}: must be >= 1")
     if e.multiple_of < 16 or e.multiple_of % 16:

@@ -204,6 +204,33 @@ class EditCache:
 
 
 # ----------------------------------------------------------------------------------------------
+# Speed options: each can change outputs, so each is part of the edit-cache key when on
+# ----------------------------------------------------------------------------------------------
+def speed_fields(cfg) -> dict:
+    out = {}
+    if getattr(cfg, "step_cache", "none") != "none":
+        out.update(step_cache=cfg.step_cache, step_cache_interval=cfg.step_cache_interval,
+                   step_cache_warmup=cfg.step_cache_warmup)
+    if getattr(cfg, "compile", False):
+        out["compile"] = True  # compiled kernels may round differently from eager ones
+    return out
+
+
+def apply_speed_options(pipe, cfg) -> None:
+    """TaylorSeer step caching (per CFG branch: the pipeline runs them in separate cache contexts) and
+    regional torch.compile of the transformer's repeated blocks. (diffusers 0.42.1's First Block Cache
+    does not handle Flux2's block outputs.)"""
+    if getattr(cfg, "step_cache", "none") == "taylorseer":
+        from diffusers.hooks import TaylorSeerCacheConfig
+
+        pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=int(cfg.step_cache_interval),
+                                                            disable_cache_before_step=int(cfg.step_cache_warmup)))
+    if getattr(cfg, "compile", False):
+        # The cache hooks call a torch.compiler.disable'd function inside each block: allow that break.
+        pipe.transformer.compile_repeated_blocks(fullgraph=getattr(cfg, "step_cache", "none") == "none")
+
+
+# ----------------------------------------------------------------------------------------------
 # The editor
 # ----------------------------------------------------------------------------------------------
 class Editor:
@@ -240,6 +267,7 @@ class Editor:
                          alpha, rank, self.cfg.lora_scale)
             pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)
+            apply_speed_options(pipe, self.cfg)
             self._pipe = pipe
             log.info("editor %s loaded on %s (%s) in %.1f s", self.cfg.pipe_path, self.device, self.dtype,
                      time.time() - t0)
@@ -250,7 +278,7 @@ class Editor:
                            mode=self.cfg.size_mode)
         return {"checkpoint": self.fingerprint, "image": image_digest(image), "prompt": prompt, "seed": seed,
                 "steps": self.cfg.steps, "guidance": self.cfg.guidance, "width": w, "height": h,
-                "max_sequence_length": self.cfg.max_sequence_length}
+                "max_sequence_length": self.cfg.max_sequence_length, **speed_fields(self.cfg)}
 
     def edit(self, image: Image.Image, prompt: str, seed: int) -> tuple[Image.Image, Path, float, bool]:
         import torch

@@ -143,3 +143,29 @@ def test_edit_cache_roundtrip(tmp_path):
     np.testing.assert_array_equal(np.asarray(cache.get(key)), np.asarray(img))
     cache.path(key).write_bytes(b"damaged")
     assert cache.get(key) is None  # recomputed rather than crashing
+
+
+def test_step_cache_switch(tiny_models, tmp_path):
+    """step_cache=taylorseer: a warmup covering every step computes every step (identical edits);
+    interval 2 after a short warmup extrapolates (a different edit); the option is in the cache key."""
+    from types import SimpleNamespace
+
+    from etchr_eval.editor import Editor
+
+    def cfg(**kw):
+        base = dict(pipe_path=str(tiny_models.flux), lora_path=None, lora_scale=1.0, lora_alpha=None, device="cpu",
+                    dtype="fp32", steps=6, guidance=3.5, max_area=96 * 64, multiple_of=16, size_mode="keep_aspect",
+                    max_sequence_length=512, compile=False, step_cache="none", step_cache_interval=2,
+                    step_cache_warmup=4)
+        base.update(kw)
+        return SimpleNamespace(**base)
+
+    img = Image.fromarray((np.random.RandomState(1).rand(64, 96, 3) * 255).astype("uint8"))
+    prompt = "Draw a red box for the question. Where?"
+    exact = Editor(cfg(), tmp_path / "c1").edit(img, prompt, 7)[0]
+    full = Editor(cfg(step_cache="taylorseer", step_cache_warmup=6), tmp_path / "c2")
+    out, path, _, hit = full.edit(img, prompt, 7)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(exact))
+    assert not hit and json.loads(path.with_suffix(".json").read_text())["step_cache"] == "taylorseer"
+    fast = Editor(cfg(step_cache="taylorseer", step_cache_warmup=2), tmp_path / "c3")
+    assert not np.array_equal(np.asarray(fast.edit(img, prompt, 7)[0]), np.asarray(exact))

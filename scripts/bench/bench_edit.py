@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""bench_edit: one 1024x1024 edit with the reference protocol (40 steps, CFG 3.5) on a GPU.
+
+    python scripts/bench/bench_edit.py [--steps 40] [--size 1024] [--repeats 2] [--out results.jsonl]
+
+Builds FLUX.2-klein-base-9B at full shape with random weights in bf16 (configs from
+scripts/make_tiny_models.py --full-shape; nothing downloaded), then times, in one process on one
+card and the same inputs:
+  plain            a plain Flux2KleinPipeline call (the reference's path: two sequential CFG forwards)
+  editor+<option>  the same pipeline with the Evaluation editor's speed options applied by
+                   etchr_eval.editor.apply_speed_options (compile, TaylorSeer step cache)
+For each: seconds per edit (median, CUDA-synchronised, VAE decode excluded), ratio to plain,
+achieved TFLOP/s over the DiT forwards (FLOPs counted with torch.utils.flop_counter), fraction of a
+bf16 matmul ceiling measured in the same run, peak memory, and fidelity against the eager bf16 edit
+with the same seed: relative error of the final latents and PSNR of the decoded images.
+Random weights make timings real; fidelity of approximate options is indicative only (trained
+weights have smoother step-to-step dynamics). Results go to stdout and, one JSON per line, --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "Evaluation"))
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def matmul_ceiling(n: int = 8192, reps: int = 20) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def build_pipeline(shapes: Path):
+    """The 9B-shape pipeline with random bf16 weights, created directly on the GPU."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            transformer = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(shapes / "transformer"))
+            vae = AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(shapes / "vae"))
+            text_encoder = Qwen3ForCausalLM(AutoConfig.from_pretrained(shapes / "text_encoder"))
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():  # BatchNorm stats of a real VAE are O(1); keep the latent scale sane
+        vae.bn.running_var.fill_(1.0)
+        vae.bn.running_mean.zero_()
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(shapes / "scheduler"), vae=vae,
+                              text_encoder=text_encoder.eval(), tokenizer=AutoTokenizer.from_pretrained(shapes / "tokenizer"),
+                              transformer=transformer.eval(), is_distilled=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def dit_forward_flops(pipe, size: int) -> float:
+    """FLOPs of one DiT forward at the edit's token counts (512 text + target + reference)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t = pipe.transformer
+    n = (size // 16) ** 2
+    c = t.config.in_channels
+    hidden = torch.randn(1, 2 * n, c, device="cuda", dtype=torch.bfloat16)
+    ids = torch.zeros(1, 2 * n, 4, device="cuda", dtype=torch.long)
+    txt = torch.randn(1, 512, t.config.joint_attention_dim, device="cuda", dtype=torch.bfloat16)
+    txt_ids = torch.zeros(1, 512, 4, device="cuda", dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        t(hidden_states=hidden, timestep=torch.ones(1, device="cuda", dtype=torch.bfloat16), guidance=None,
+          encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=ids, return_dict=False)
+    return float(counter.get_total_flops())
+
+
+def psnr(a, b) -> float:
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--guidance", type=float, default=3.5)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=2)
+    # Eager variants first: compilation is permanent for the rest of the process.
+    ap.add_argument("--variants", default="plain,taylorseer_i2,taylorseer_i3,compile,compile+taylorseer_i2")
+    ap.add_argument("--out", default=None, help="append one JSON object per result")
+    a = ap.parse_args(argv)
+    import diffusers
+    from PIL import Image
+
+    from etchr_eval.editor import apply_speed_options
+
+    header = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+              "date": datetime.date.today().isoformat(), "steps": a.steps, "guidance": a.guidance,
+              "size": a.size, "repeats": a.repeats}
+
+    def emit(obj):
+        print(json.dumps(obj), flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(obj) + "\n")
+
+    emit({"header": header})
+    ceiling = matmul_ceiling()
+    emit({"matmul_ceiling_tflops": round(ceiling, 1)})
+    shapes = Path(tempfile.mkdtemp()) / "flux2-klein-base-9b-shape"
+    _script("make_tiny_models").write_flux2_klein(shapes, 0, True)  # configs + tokenizer only
+    t0 = time.time()
+    pipe = build_pipeline(shapes)
+    emit({"built_s": round(time.time() - t0, 1), "transformer_params": sum(p.numel() for p in pipe.transformer.parameters())})
+    flops = dit_forward_flops(pipe, a.size)
+    emit({"dit_forward_tflop": round(flops / 1e12, 2)})
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(a.size, a.size, 3, generator=g) * 255).byte().numpy())
+    prompt = "Imagine a new perspective of the original image that helps answer the question. Question: which object is left?"
+
+    def edit(steps: int):
+        return pipe(image=image, prompt=prompt, height=a.size, width=a.size, num_inference_steps=steps,
+                    guidance_scale=a.guidance, generator=torch.Generator(device="cuda").manual_seed(126),
+                    output_type="latent").images
+
+    def decode(lat):
+        with torch.no_grad():
+            img = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
+        return (img.float().clamp(-1, 1) + 1) / 2
+
+    reference_latents = reference_image = plain_s = None
+    compiled = False
+    for variant in [v.strip() for v in a.variants.split(",") if v.strip()]:
+        want_compile = "compile" in variant
+        if compiled and not want_compile:
+            emit({"variant": variant, "error": "eager variants must come before compiled ones"})
+            continue
+        opts = SimpleNamespace(compile=want_compile and not compiled,
+                               step_cache="taylorseer" if "taylorseer" in variant else "none",
+                               step_cache_interval=int(variant.split("_i")[-1]) if "taylorseer" in variant else 2,
+                               step_cache_warmup=4)
+        try:
+            apply_speed_options(pipe, opts)
+            compiled = compiled or want_compile
+            torch.cuda.reset_peak_memory_stats()
+            tw = time.time()
+            edit(a.steps if want_compile else 2)  # warm-up; a full run when compiling, so every shape is seen
+            torch.cuda.synchronize()
+            warm_s = time.time() - tw
+            times, lat = [], None
+            for _ in range(a.repeats):
+                torch.cuda.synchronize()
+                s0 = time.time()
+                lat = edit(a.steps)
+                torch.cuda.synchronize()
+                times.append(time.time() - s0)
+            sec = statistics.median(times)
+            img = decode(lat)
+            if variant == "plain":
+                reference_latents, reference_image, plain_s = lat.float(), img, sec
+            rel = float((lat.float() - reference_latents).norm() / reference_latents.norm())
+            forwards = 2 * a.steps  # nominal forwards of the protocol (cached steps skip some of them)
+            emit({"variant": variant, "seconds": round(sec, 3), "ratio_vs_plain": round(plain_s / sec, 3),
+                  "warmup_s": round(warm_s, 1), "nominal_tflops": round(forwards * flops / sec / 1e12, 1),
+                  "fraction_of_ceiling": round(forwards * flops / sec / 1e12 / ceiling, 3),
+                  "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+                  "latent_rel_err": round(rel, 6), "psnr_db": round(psnr(img, reference_image), 2),
+                  "finite": bool(torch.isfinite(lat).all()), "times": [round(t, 3) for t in times]})
+        except Exception as exc:  # one failing option must not lose the others' numbers
+            emit({"variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        finally:
+            if opts.step_cache != "none" and getattr(pipe.transformer, "is_cache_enabled", False):
+                pipe.transformer.disable_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
