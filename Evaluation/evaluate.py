@@ -12,6 +12,7 @@ only failed ones; edits are cached, so evaluating a second MLLM reuses the first
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -120,11 +121,8 @@ def run(cfg) -> dict:
         merged = merge_rows(r for f in store.all_files() for r in read_rows(f))
         if world > 1:
             ordered = [merged[k] for k in sorted(merged)]
-            from etchr_eval.runtime import atomic_write_text
-            import json
-
-            atomic_write_text(run_dir / "results.jsonl",
-                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+            runtime.atomic_write_text(run_dir / "results.jsonl",
+                                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
         rows_by_task = {}
         for name, items in data.items():
             rows = [merged[f"{name}/{it.id}"] for it in items if f"{name}/{it.id}" in merged]
