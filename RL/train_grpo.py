@@ -170,7 +170,7 @@ def train(cfg) -> dict:
             # ---- rollout (the judge scores group k while group k+1 is sampled)
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.eval()
-            groups, futures, batch_prompts = [], [], []
+            groups, futures = [], []
             for i in range(cfg.train.prompts_per_step):
                 p_index = ((it * world + rank) * cfg.train.prompts_per_step + i) % len(prompts)
                 prompt = prompts[p_index]
@@ -184,7 +184,6 @@ def train(cfg) -> dict:
                                         original=source, edited=img, meta=prompt.meta) for img in g.images]
                 futures.append(bg.submit(R.compute_rewards(inputs, names, judge, cfg)))
                 groups.append(g)
-                batch_prompts.append(prompt)
             t_rollout = time.time() - t0
             # ---- rewards
             t1 = time.time()
@@ -205,8 +204,8 @@ def train(cfg) -> dict:
             # ---- train
             t2 = time.time()
             unwrapped.train()
-            stats = train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, batch_prompts,
-                                    adv, sigmas, n_train, position, it, rank, device, bar)
+            stats = train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, adv, sigmas,
+                                    n_train, position, it, rank, device, bar)
             t_train = time.time() - t2
             position.iteration += 1
             row = {"iteration": position.iteration, "rollout_s": round(t_rollout, 3), "reward_s": round(t_reward, 3),
@@ -234,21 +233,18 @@ def train(cfg) -> dict:
     return {"step": position.step, "transformer": accelerator.unwrap_model(model)}
 
 
-def train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, batch_prompts, adv, sigmas,
-                    n_train, position, it, rank, device, bar) -> dict:
+def train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, adv, sigmas, n_train,
+                    position, it, rank, device, bar) -> dict:
     """The clipped-ratio loss on the stored trajectories; one optimizer step per grad_accum samples."""
-    from etchr_rl.model import encode_prompt, encode_reference, latent_grid, target_ids
+    from etchr_rl.model import latent_grid, target_ids
 
     s = cfg.sampling
     G, S = s.group_size, s.steps
     accum = cfg.train.grad_accum
     ratios, clipped, losses, grad_norms, kls = [], [], [], [], []
     sample = 0
-    for gi, (g, prompt) in enumerate(zip(groups, batch_prompts)):
-        embeds, text_ids = encode_prompt(pipe, prompt.instruction, device, cfg.model.max_sequence_length)
-        from etchr_rl.model import prepare_source
-
-        ref, ref_ids = encode_reference(pipe, prepare_source(_load_source(prompt), cfg.data.resize), device)
+    for g in groups:
+        embeds, text_ids, ref, ref_ids = g.embeds, g.text_ids, g.ref, g.ref_ids  # from the rollout
         h, w = latent_grid(pipe, *g.size)
         ids = target_ids(h, w, 1, device)
         for j in range(G):

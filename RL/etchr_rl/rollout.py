@@ -25,6 +25,11 @@ class Group:
     means: torch.Tensor  # (G, S-1, L, C) their Gaussian means (for the rationorm ratio)
     images: list = field(default_factory=list)  # G decoded edits (PIL)
     size: tuple = (0, 0)  # (W, H)
+    # The prompt's conditioning, computed once for sampling and reused by training (on the device).
+    embeds: torch.Tensor = None  # (1, 512, D) text embeddings
+    text_ids: torch.Tensor = None  # (1, 512, 4)
+    ref: torch.Tensor = None  # (1, L_ref, C) reference tokens
+    ref_ids: torch.Tensor = None  # (1, L_ref, 4)
 
 
 def noise_generator(seed: int, step: int, prompt: int, rank: int, sample: int, device="cpu") -> torch.Generator:
@@ -65,4 +70,5 @@ def sample_group(pipe, transformer, prompt: str, source, *, group_size: int, ste
         means.append(mu.cpu())
     images = decode(pipe, x, h, w)
     return Group(prompt_index=prompt_index, states=torch.stack(states, 1), next_states=torch.stack(nexts, 1),
-                 logps=torch.stack(logps, 1), means=torch.stack(means, 1), images=images, size=(width, height))
+                 logps=torch.stack(logps, 1), means=torch.stack(means, 1), images=images, size=(width, height),
+                 embeds=embeds, text_ids=text_ids, ref=ref, ref_ids=ref_ids)

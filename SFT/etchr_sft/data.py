@@ -172,15 +172,3 @@ class BatchDataset(torch.utils.data.Dataset):
             prompts.append(row.prompt)
         return {"target": torch.stack(targets), "reference": torch.stack(refs), "prompt": prompts,
                 "index": torch.tensor(self.batches[k])}
-
-
-def validation_rows(rows: list[Row], n: int) -> list[Row]:
-    """The fixed validation items: the first n rows (stable across runs and resumes)."""
-    return rows[: max(0, n)]
-
-
-def pil_reference(row: Row) -> Image.Image:
-    with Image.open(row.reference) as im:
-        return im.convert("RGB")
-
-
