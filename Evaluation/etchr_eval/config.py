@@ -22,6 +22,10 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Schema
 # ----------------------------------------------------------------------------------------------
+# diffusers attention backends that need no extra package (torch SDPA with a fixed kernel).
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math")
+
+
 @dataclass
 class EditorConfig:
     pipe_path: str = MISSING  # diffusers FLUX.2-klein pipeline dir (base, SFT-merged or RL-merged)
@@ -43,6 +47,9 @@ class EditorConfig:
     step_cache: str = "none"  # none | taylorseer (diffusers TaylorSeer cache: extrapolates steps; approximate)
     step_cache_interval: int = 2  # taylorseer: a full forward every N steps, extrapolated in between
     step_cache_warmup: int = 4  # taylorseer: the first N steps are always computed in full
+    cfg_batch: bool = False  # both CFG branches in one batch-2 forward (same math; not with step_cache)
+    attention_backend: str = "native"  # native (torch SDPA picks) | _native_cudnn | _native_flash | _native_efficient | _native_math
+    quantize: str = "none"  # none | fp8 (torchao float8 matmuls, per-row scales, dynamic activations; approximate)
 
 
 @dataclass
@@ -171,6 +178,13 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ConfigError("editor.step_cache_interval >= 1 and editor.step_cache_warmup >= 0 are required")
     if e.steps < 1:
         raise ConfigError(f"editor.steps={e.steps}: must be >= 1")
+    if e.cfg_batch and e.step_cache != "none":
+        raise ConfigError("editor.cfg_batch=true needs editor.step_cache=none (the step cache keeps one state "
+                          "per CFG branch and must see the branches as separate calls)")
+    if e.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"editor.attention_backend={e.attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    if e.quantize not in ("none", "fp8"):
+        raise ConfigError(f"editor.quantize={e.quantize!r}: use none or fp8")
     if e.multiple_of < 16 or e.multiple_of % 16:
         raise ConfigError(f"editor.multiple_of={e.multiple_of}: must be a multiple of 16 (VAE 8x + 2x2 patch)")
     if e.max_area < 64 * 64:

@@ -213,21 +213,117 @@ def speed_fields(cfg) -> dict:
                    step_cache_warmup=cfg.step_cache_warmup)
     if getattr(cfg, "compile", False):
         out["compile"] = True  # compiled kernels may round differently from eager ones
+    if getattr(cfg, "cfg_batch", False):
+        out["cfg_batch"] = True  # batch-2 matmuls may pick other kernels than batch-1 ones
+    if getattr(cfg, "attention_backend", "native") != "native":
+        out["attention_backend"] = cfg.attention_backend
+    if getattr(cfg, "quantize", "none") != "none":
+        out["quantize"] = cfg.quantize
     return out
 
 
+def fp8_targets(transformer) -> list[str]:
+    """The Linear layers of the repeated blocks whose matmuls go to fp8: every one in the double- and
+    single-stream blocks with both sides a multiple of 16 (the fp8 matmul's alignment). Embedders,
+    modulation and the output projection stay in bf16 (small, and the most sensitive)."""
+    import torch
+
+    names = []
+    for name, module in transformer.named_modules():
+        if (isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0):
+            names.append(name)
+    return names
+
+
+def quantize_fp8(transformer) -> int:
+    """Float8 (e4m3) weights with per-row scales and dynamically quantised activations, through
+    torchao; returns the number of converted layers."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as exc:
+        raise RuntimeError("editor.quantize=fp8 needs torchao (pip install 'torchao>=0.17', which must match the "
+                           f"installed torch): {exc}") from None
+    names = set(fp8_targets(transformer))
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, fqn: fqn in names)
+    return len(names)
+
+
+class CFGBatch:
+    """Runs both CFG branches of Flux2KleinPipeline as one batch-2 forward.
+
+    Installed as the transformer's forward. While armed with the negative prompt's (embeds, text ids),
+    the pipeline's conditional call runs [cond | uncond] in one batch and returns the first half; its
+    unconditional call, which passes the same latent tensor object, gets the kept second half without
+    a forward. The uncond branch sees exactly the inputs the pipeline would give it (the negative
+    prompt is encoded by the pipeline's own encode_prompt and handed to it as negative_prompt_embeds).
+    """
+
+    def __init__(self, transformer):
+        self.forward = transformer.forward  # the bound original
+        self.negative = None  # (embeds, text ids) while an edit runs
+        self.pending = None  # (latents object, uncond output) between the two calls of a step
+        self.batched_calls = 0
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states=None, txt_ids=None, img_ids=None, **kwargs):
+        import torch
+
+        if self.pending is not None and hidden_states is self.pending[0]:
+            out, self.pending = self.pending[1], None
+            return _as_output(out) if kwargs.get("return_dict", True) else (out,)
+        if self.negative is None:
+            return self.forward(hidden_states=hidden_states, timestep=timestep,
+                                encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=img_ids, **kwargs)
+        neg_embeds, neg_ids = self.negative
+        b = hidden_states.shape[0]
+        if neg_embeds.shape[0] != b or neg_embeds.shape[1:] != encoder_hidden_states.shape[1:]:
+            raise ValueError(f"cfg_batch: negative prompt embeds {tuple(neg_embeds.shape)} do not match the prompt's "
+                             f"{tuple(encoder_hidden_states.shape)}")
+        both = self.forward(hidden_states=torch.cat([hidden_states, hidden_states]),
+                            timestep=torch.cat([timestep, timestep]),
+                            encoder_hidden_states=torch.cat([encoder_hidden_states, neg_embeds.to(encoder_hidden_states.dtype)]),
+                            txt_ids=torch.cat([txt_ids, neg_ids]), img_ids=torch.cat([img_ids, img_ids]),
+                            **{**kwargs, "return_dict": False})[0]
+        self.batched_calls += 1
+        self.pending = (hidden_states, both[b:])
+        return _as_output(both[:b]) if kwargs.get("return_dict", True) else (both[:b],)
+
+
+def _as_output(sample):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)
+
+
 def apply_speed_options(pipe, cfg) -> None:
-    """TaylorSeer step caching (per CFG branch: the pipeline runs them in separate cache contexts) and
-    regional torch.compile of the transformer's repeated blocks. (diffusers 0.42.1's First Block Cache
-    does not handle Flux2's block outputs.)"""
+    """In order: fp8 matmuls (torchao), the attention kernel, TaylorSeer step caching (per CFG branch:
+    the pipeline runs them in separate cache contexts), batched CFG, and regional torch.compile of
+    the transformer's repeated blocks. (diffusers 0.42.1's First Block Cache does not handle Flux2's
+    block outputs.)"""
+    if getattr(cfg, "quantize", "none") == "fp8":
+        n = quantize_fp8(pipe.transformer)
+        log.info("fp8 matmuls in %d Linear layers (torchao, per-row scales)", n)
+    if getattr(cfg, "attention_backend", "native") != "native":
+        pipe.transformer.set_attention_backend(cfg.attention_backend)
     if getattr(cfg, "step_cache", "none") == "taylorseer":
         from diffusers.hooks import TaylorSeerCacheConfig
 
         pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=int(cfg.step_cache_interval),
                                                             disable_cache_before_step=int(cfg.step_cache_warmup)))
+    if getattr(cfg, "cfg_batch", False) and not isinstance(pipe.transformer.forward, CFGBatch):
+        pipe.transformer.forward = CFGBatch(pipe.transformer)
     if getattr(cfg, "compile", False):
         # The cache hooks call a torch.compiler.disable'd function inside each block: allow that break.
         pipe.transformer.compile_repeated_blocks(fullgraph=getattr(cfg, "step_cache", "none") == "none")
+
+
+def negative_prompt(pipe, device, max_sequence_length: int):
+    """The pipeline's own encoding of its negative prompt "" (what CFG's uncond branch sees)."""
+    import torch
+
+    with torch.inference_mode():
+        return pipe.encode_prompt(prompt=[""], device=device, max_sequence_length=max_sequence_length)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +347,7 @@ class Editor:
         self.fingerprint = checkpoint_fingerprint(cfg.pipe_path, cfg.lora_path, cfg.lora_scale,
                                                   getattr(cfg, "lora_alpha", None))
         self._pipe = None
+        self._negative = None  # the negative prompt's (embeds, text ids), for cfg_batch
         self._load = lambda: Flux2KleinPipeline.from_pretrained(cfg.pipe_path, dtype=self.dtype)
         self.stats = {"edits": 0, "cache_hits": 0, "edit_seconds": 0.0}
 
@@ -291,10 +388,22 @@ class Editor:
             return cached, self.cache.path(key), 0.0, True
         t0 = time.time()
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.inference_mode():
-            out = self.pipe(image=image, prompt=prompt, height=fields["height"], width=fields["width"],
-                            num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance,
-                            generator=generator, max_sequence_length=self.cfg.max_sequence_length).images[0]
+        pipe = self.pipe
+        batcher = pipe.transformer.forward if isinstance(pipe.transformer.forward, CFGBatch) else None
+        extra = {}
+        if batcher is not None and self.cfg.guidance > 1:
+            if self._negative is None:
+                self._negative = negative_prompt(pipe, self.device, self.cfg.max_sequence_length)
+            batcher.negative = self._negative
+            extra["negative_prompt_embeds"] = self._negative[0]
+        try:
+            with torch.inference_mode():
+                out = pipe(image=image, prompt=prompt, height=fields["height"], width=fields["width"],
+                           num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance,
+                           generator=generator, max_sequence_length=self.cfg.max_sequence_length, **extra).images[0]
+        finally:
+            if batcher is not None:
+                batcher.negative = batcher.pending = None
         seconds = time.time() - t0
         path = self.cache.put(key, out, fields)
         self.stats["edits"] += 1

@@ -169,3 +169,77 @@ def test_step_cache_switch(tiny_models, tmp_path):
     assert not hit and json.loads(path.with_suffix(".json").read_text())["step_cache"] == "taylorseer"
     fast = Editor(cfg(step_cache="taylorseer", step_cache_warmup=2), tmp_path / "c3")
     assert not np.array_equal(np.asarray(fast.edit(img, prompt, 7)[0]), np.asarray(exact))
+
+
+def _editor_cfg(tiny_models, **kw):
+    from types import SimpleNamespace
+
+    base = dict(pipe_path=str(tiny_models.flux), lora_path=None, lora_scale=1.0, lora_alpha=None, device="cpu",
+                dtype="fp32", steps=4, guidance=3.5, max_area=96 * 64, multiple_of=16, size_mode="keep_aspect",
+                max_sequence_length=512, compile=False, step_cache="none", step_cache_interval=2, step_cache_warmup=4,
+                cfg_batch=False, attention_backend="native", quantize="none")
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_cfg_batch_runs_one_forward_per_step_and_matches(tiny_models, tmp_path):
+    """cfg_batch: one batch-2 forward per step instead of two batch-1 forwards, the same latents (fp32,
+    up to batch-size rounding), and the switch is part of the cache key; with guidance 1 nothing is batched."""
+    from etchr_eval.editor import CFGBatch, Editor
+
+    img = Image.fromarray((np.random.RandomState(3).rand(64, 96, 3) * 255).astype("uint8"))
+    prompt = "Draw a red box for the question. Where?"
+    plain = Editor(_editor_cfg(tiny_models), tmp_path / "c1")
+    calls = []
+    t = plain.pipe.transformer
+    original = t.forward
+    t.forward = lambda *a, **k: calls.append(k["hidden_states"].shape[0]) or original(*a, **k)
+    ref = np.asarray(plain.edit(img, prompt, 5)[0], dtype=np.int16)
+    assert calls == [1] * 8  # 4 steps x 2 sequential CFG branches
+
+    fast = Editor(_editor_cfg(tiny_models, cfg_batch=True), tmp_path / "c2")
+    batcher = fast.pipe.transformer.forward
+    assert isinstance(batcher, CFGBatch)
+    inner = batcher.forward
+    calls.clear()
+    batcher.forward = lambda *a, **k: calls.append(k["hidden_states"].shape[0]) or inner(*a, **k)
+    out, path, _, _ = fast.edit(img, prompt, 5)
+    assert calls == [2] * 4  # one batched forward per step
+    assert np.abs(np.asarray(out, dtype=np.int16) - ref).max() <= 1  # fp32: at most one 8-bit level
+    assert json.loads(path.with_suffix(".json").read_text())["cfg_batch"] is True
+    assert batcher.pending is None and batcher.negative is None  # nothing left armed between edits
+
+    calls.clear()
+    no_cfg = Editor(_editor_cfg(tiny_models, cfg_batch=True, guidance=1.0), tmp_path / "c3")
+    no_cfg.pipe.transformer.forward.forward = batcher.forward
+    no_cfg.edit(img, prompt, 5)
+    assert calls == [1] * 4  # no CFG: plain batch-1 forwards
+
+
+def test_attention_backend_switch_and_fp8_without_torchao(tiny_models, tmp_path, monkeypatch):
+    """attention_backend reaches diffusers' dispatcher (math kernel on CPU: the same edit), and
+    quantize=fp8 without torchao fails with an error that says what to install."""
+    import builtins
+
+    from etchr_eval.editor import Editor, fp8_targets
+
+    img = Image.fromarray((np.random.RandomState(4).rand(64, 96, 3) * 255).astype("uint8"))
+    ref = np.asarray(Editor(_editor_cfg(tiny_models), tmp_path / "a").edit(img, "Where?", 1)[0], dtype=np.int16)
+    math_ed = Editor(_editor_cfg(tiny_models, attention_backend="_native_math"), tmp_path / "b")
+    assert np.abs(np.asarray(math_ed.edit(img, "Where?", 1)[0], dtype=np.int16) - ref).max() <= 1
+    procs = {type(m.processor).__name__ for m in math_ed.pipe.transformer.modules() if hasattr(m, "processor")}
+    assert procs and all(getattr(m.processor, "_attention_backend", None) == "_native_math"
+                         for m in math_ed.pipe.transformer.modules() if hasattr(m, "processor"))
+
+    names = fp8_targets(math_ed.pipe.transformer)
+    assert names and all(n.startswith(("transformer_blocks.", "single_transformer_blocks.")) for n in names)
+    real_import = builtins.__import__
+
+    def no_torchao(name, *a, **k):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    with pytest.raises(RuntimeError, match="quantize=fp8 needs torchao"):
+        Editor(_editor_cfg(tiny_models, quantize="fp8"), tmp_path / "c").pipe
