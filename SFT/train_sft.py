@@ -28,8 +28,8 @@ from etchr_sft.checkpoint import finalize, latest_checkpoint, meta, step_dir  # 
 from etchr_sft.config import ConfigError, load_sft_config, save_config, split_cli, to_container  # noqa: E402
 from etchr_sft.data import BatchDataset, DataError, bucket_key, make_batches, read_csv, shard  # noqa: E402
 from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
-from etchr_sft.model import (DTYPES, TensorCache, add_lora, encode_images, encode_prompts, load_pipeline,  # noqa: E402
-                             lora_target_names, pack, pack_reference, velocity)
+from etchr_sft.model import (DTYPES, TensorCache, add_lora, apply_speed_options, encode_images,  # noqa: E402
+                             encode_prompts, load_pipeline, lora_target_names, pack, pack_reference, velocity)
 from etchr_sft.objective import lookup, make_schedule, noisy_input, sample_generator, weighted_mse  # noqa: E402
 
 log = runtime.get_logger("etchr_sft")
@@ -59,7 +59,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def train(cfg) -> dict:
+def train(cfg, pipe=None) -> dict:
+    """Run SFT as `cfg` says. `pipe`: an already built pipeline to train instead of loading
+    model.pretrained_path (scripts/bench/bench_sft_step.py passes its in-memory 9B-shape one)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -76,7 +78,8 @@ def train(cfg) -> dict:
         save_config(cfg, run_dir)
     device = accelerator.device
 
-    pipe = load_pipeline(cfg.model.pretrained_path, DTYPES[cfg.model.dtype])
+    if pipe is None:
+        pipe = load_pipeline(cfg.model.pretrained_path, DTYPES[cfg.model.dtype])
     pipe.vae.to(device)
     pipe.text_encoder.to(device)
     transformer = pipe.transformer
@@ -90,9 +93,11 @@ def train(cfg) -> dict:
         transformer.requires_grad_(True)
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    speed = apply_speed_options(transformer, cfg.model)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    fused = {"fused": True} if cfg.optim.fused and device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, **fused)
 
     rows = read_csv(cfg.data.csv, cfg.data.base_path)
     keys = [bucket_key(r, cfg.data.max_pixels, cfg.data.multiple_of, cfg.data.reference_resize) for r in rows]
@@ -104,6 +109,7 @@ def train(cfg) -> dict:
     lr_scheduler = get_scheduler(schedule_name, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                  num_training_steps=total_steps)
     # The LR scheduler is stepped by hand, once per optimizer step, whatever the world size.
+    _fill_deepspeed_config(accelerator, cfg)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     position = Position()
     accelerator.register_for_checkpointing(lr_scheduler, position)
@@ -115,7 +121,8 @@ def train(cfg) -> dict:
         f"{cfg.train.grad_accum} = {cfg.train.batch_size * cfg.train.grad_accum * world} samples per optimizer "
         f"step; {steps_per_epoch} steps/epoch; {total_steps} steps; "
         f"{'LoRA r%d alpha %g on %d layers' % (cfg.lora.rank, cfg.lora.alpha, len(lora_info['targets'])) if lora_info else 'full fine-tuning'}"
-        f"; {n_trainable / 1e6:.3f} M trainable parameters")
+        f"; {n_trainable / 1e6:.3f} M trainable parameters"
+        f"{'; speed: ' + ', '.join(speed + (['fused AdamW'] if fused else [])) if speed or fused else ''}")
 
     resume_from = None
     if cfg.train.resume == "auto":
@@ -123,7 +130,7 @@ def train(cfg) -> dict:
     elif cfg.train.resume != "never":
         resume_from = Path(cfg.train.resume)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "training_state"))
+        accelerator.load_state(str(resume_from / "training_state"), **_deepspeed_lora_kwargs(accelerator, "load", lora_info))
         runtime.print0(f"[sft] resumed from {resume_from} at step {position.step} (epoch {position.epoch}, "
                        f"batch {position.cursor})")
 
@@ -189,11 +196,13 @@ def train(cfg) -> dict:
             if position.step % cfg.train.log_every == 0 or position.step == total_steps:
                 metrics.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                             "step_time_s": round(now - t_step, 4), "epoch": position.epoch}, step=position.step)
+                             "step_time_s": round(now - t_step, 4), "epoch": position.epoch,
+                             **_peak_memory(accelerator, device)}, step=position.step)
             t_step = now
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if position.step % cfg.train.checkpoint_every == 0 or position.step == total_steps:
+            if position.step % cfg.train.checkpoint_every == 0 or (position.step == total_steps
+                                                                    and cfg.train.save_final):
                 save_checkpoint(accelerator, transformer, cfg, position, lora_info)
             if cfg.train.validate_every and (position.step % cfg.train.validate_every == 0
                                              or position.step == total_steps):
@@ -210,6 +219,35 @@ def train(cfg) -> dict:
                    f"{run_dir / 'checkpoints'}")
     accelerator.end_training()
     return {"step": position.step, "transformer": accelerator.unwrap_model(transformer)}
+
+
+# ================================================================ DeepSpeed, memory
+def _fill_deepspeed_config(accelerator, cfg) -> None:
+    """Under DeepSpeed, accelerate reads the micro-batch size from a prepared DataLoader; SFT prepares none
+    (each rank builds its own), so set it from the config, and keep the config's accumulation (accelerate
+    launch otherwise imposes the accelerate YAML's value)."""
+    ds = accelerator.state.deepspeed_plugin if accelerator.distributed_type == "DEEPSPEED" else None
+    if ds is None:
+        return
+    ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds.deepspeed_config["gradient_accumulation_steps"] = cfg.train.grad_accum
+    accelerator.gradient_accumulation_steps = cfg.train.grad_accum
+
+
+def _deepspeed_lora_kwargs(accelerator, what: str, lora_info) -> dict:
+    """LoRA under DeepSpeed: the engine's checkpoint leaves the frozen 9 B base weights out (and loads
+    without them); the LoRA weights, optimizer and scheduler states are still saved and restored."""
+    if not lora_info or accelerator.distributed_type != "DEEPSPEED":
+        return {}
+    return {"exclude_frozen_parameters": True} if what == "save" else {"load_module_strict": False}
+
+
+def _peak_memory(accelerator, device) -> dict:
+    """Peak CUDA memory (GiB) of every rank since the start, for the metrics row (empty on CPU)."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2 ** 30], device=device)
+    return {"max_memory_allocated_gib": [round(float(x), 2) for x in accelerator.gather(peak).tolist()]}
 
 
 # ================================================================ save
@@ -248,7 +286,7 @@ def save_checkpoint(accelerator, transformer, cfg, position: Position, lora_info
 
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "training_state"))
+    accelerator.save_state(str(tmp / "training_state"), **_deepspeed_lora_kwargs(accelerator, "save", lora_info))
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(transformer)
         if lora_info:

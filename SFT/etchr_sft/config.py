@@ -29,12 +29,25 @@ REFERENCE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add
                           "to_add_out", "linear_in", "linear_out", "to_qkv_mlp_proj"]
 
 
+# diffusers attention backends that need no extra package (torch SDPA with a fixed kernel).
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math")
+# Refused for training: cuDNN attention's backward crashed the process in both training benchmarks (H200,
+# torch 2.11.0+cu130: CUBLAS_STATUS_EXECUTION_FAILED, then illegal memory accesses; docs/PERFORMANCE.md).
+TRAINING_UNSAFE_ATTENTION_BACKENDS = ("_native_cudnn",)
+
+
 @dataclass
 class ModelConfig:
     pretrained_path: str = MISSING  # diffusers FLUX.2-klein pipeline dir (base-9B or a merged one)
     dtype: str = "bf16"  # weights dtype while training: bf16 (reference, pure bf16) | fp32
     gradient_checkpointing: bool = True  # per transformer block
     max_sequence_length: int = 512  # text tokens
+    # Speed switches (docs/PERFORMANCE.md). Both compute the same function; compiled / other attention
+    # kernels round differently from eager SDPA, so they are off by default (the reference's path).
+    # compile: regional torch.compile of the blocks (forward and backward). Experimental: on H200 with torch
+    # 2.11 the compiled backward failed at 1024^2 (CUBLAS_STATUS_EXECUTION_FAILED; docs/PERFORMANCE.md).
+    compile: bool = False
+    attention_backend: str = "native"  # native (torch SDPA picks; fastest measured) | _native_flash | _native_efficient | _native_math
 
 
 @dataclass
@@ -69,6 +82,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables (the reference has none)
     schedule: str = "constant"  # constant | cosine (both with linear warmup)
     warmup_steps: int = 0  # optimizer steps
+    fused: bool = False  # CUDA only: AdamW's fused kernel (one launch for all parameters; same update rule)
 
 
 @dataclass
@@ -80,7 +94,8 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 42
     mixed_precision: str = "bf16"  # bf16 | no
-    checkpoint_every: int = 1000  # optimizer steps; the final step is always saved
+    checkpoint_every: int = 1000  # optimizer steps; the final step is saved too (see save_final)
+    save_final: bool = True  # save a checkpoint at the last step (False: benchmarks and smoke runs)
     keep_last: int = 3  # checkpoints kept (older ones are deleted)
     validate_every: int = 1000  # optimizer steps; 0 disables validation edits
     validation_items: int = 4  # the first N rows of the CSV, edited at every validation
@@ -194,6 +209,12 @@ def validate_sft(cfg: DictConfig) -> None:
         raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: use bf16 or no")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.model.attention_backend in TRAINING_UNSAFE_ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention_backend={cfg.model.attention_backend!r}: its backward pass crashed "
+                          f"training on H200 with torch 2.11 (docs/PERFORMANCE.md); use native or _native_flash")
+    if cfg.model.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention_backend={cfg.model.attention_backend!r}: use one of "
+                          f"{', '.join(ATTENTION_BACKENDS)}")
     if cfg.train.timestep_lookup not in ("exact", "reference_bf16"):
         raise ConfigError(f"train.timestep_lookup={cfg.train.timestep_lookup!r}: use exact or reference_bf16")
 

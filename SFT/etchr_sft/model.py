@@ -57,6 +57,21 @@ def add_lora(transformer, rank: int, alpha: float, targets: list[str], dropout: 
     return cfg
 
 
+def apply_speed_options(transformer, model_cfg) -> list[str]:
+    """The speed switches of `model:` (docs/PERFORMANCE.md): an attention kernel and regional
+    torch.compile of the repeated blocks (after LoRA and gradient checkpointing are in place, so the
+    compiled regions include the LoRA layers and run under the checkpoint wrapper). Returns what was
+    applied, for the log."""
+    applied = []
+    if model_cfg.attention_backend != "native":
+        transformer.set_attention_backend(model_cfg.attention_backend)
+        applied.append(f"attention={model_cfg.attention_backend}")
+    if model_cfg.compile:
+        transformer.compile_repeated_blocks(fullgraph=True)
+        applied.append("compile")
+    return applied
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], device, max_sequence_length: int = 512):
     """(prompt_embeds (B, 512, joint_dim), text_ids (B, 512, 4)) with the frozen Qwen3 encoder."""

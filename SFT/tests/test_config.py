@@ -16,6 +16,9 @@ def test_reference_defaults():
     assert cfg.train.batch_size == 1 and cfg.model.dtype == "bf16" and cfg.model.gradient_checkpointing
     assert cfg.data.max_pixels == 1048576 and cfg.data.reference_resize == "pipeline"
     assert len(REFERENCE_LORA_TARGETS) == 11 and cfg.lora.single_blocks_to_out
+    # speed switches are off by default: the reference's eager path
+    assert not cfg.model.compile and cfg.model.attention_backend == "native" and not cfg.optim.fused
+    assert cfg.train.save_final
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -25,6 +28,9 @@ def test_reference_defaults():
     (["data.reference_resize=bicubic"], "data.reference_resize"),
     (["data.multiple_of=8"], "data.multiple_of"),
     (["train.timestep_lookup=fuzzy"], "train.timestep_lookup"),
+    (["model.attention_backend=flash9"], "model.attention_backend"),
+    (["model.attention_backend=_native_cudnn"], "crashed training"),
+    (["optim.fused=maybe"], "optim.fused"),
 ])
 def test_errors_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as err:

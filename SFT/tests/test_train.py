@@ -159,3 +159,18 @@ def test_batch_of_two_with_buckets_and_caches_match_uncached(tiny_models, sft_cs
     assert len(list((cached / "cache" / "reference").glob("*.pt"))) == 6
     assert "2 samples per optimizer step" in (run_train(args(tiny_models, sft_csv, tmp_path / "again",
                                                              "train.batch_size=2", "train.max_steps=1")).stdout)
+
+
+def test_speed_switches_keep_the_losses(tiny_models, sft_csv, tmp_path):
+    """model.compile (regional, forward + backward under gradient checkpointing) and a fixed attention
+    kernel compute the same training function: the same losses as the eager default (fp32, CPU);
+    save_final=false leaves no checkpoint; the log names the switches."""
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    run_train(args(tiny_models, sft_csv, plain, "train.max_steps=3", "train.checkpoint_every=100"))
+    res = run_train(args(tiny_models, sft_csv, fast, "train.max_steps=3", "train.checkpoint_every=100",
+                         "model.compile=true", "model.attention_backend=_native_math", "optim.fused=true",
+                         "train.save_final=false"))
+    assert len(losses(fast)) == 3 and losses(fast) == pytest.approx(losses(plain), rel=1e-4)
+    assert "speed: attention=_native_math, compile" in res.stdout + res.stderr
+    assert [p.name for p in (plain / "checkpoints").glob("step-*")] == ["step-000003"]
+    assert not (fast / "checkpoints").exists() or not list((fast / "checkpoints").glob("step-*"))

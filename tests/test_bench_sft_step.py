@@ -1,0 +1,33 @@
+"""scripts/bench/bench_sft_step.py --tiny: the benchmark's orchestration on CPU (the GPU figures are in
+docs/PERFORMANCE.md; benchmarks never time anything in CI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_sft_step_tiny_runs_reference_and_the_real_trainer(tmp_path):
+    out = tmp_path / "results.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "bench_sft_step.py"), "--tiny",
+                          "--steps", "2", "--warmup", "1", "--num-workers", "0",
+                          "--variants", "reference,ours_eager,ours_fused", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["header"]["tiny"] is True and rows[0]["header"]["lora_rank"] == 4
+    assert next(r for r in rows if "lora_layers" in r)["lora_layers"] == 28  # the reference targets on the tiny model
+    variants = {r["variant"]: r for r in rows if "variant" in r}
+    assert set(variants) == {"reference", "ours_eager", "ours_fused"}
+    for name, r in variants.items():
+        assert "error" not in r, (name, r)
+        assert len(r["times"]) == 2 and r["seconds_per_sample"] > 0
+    assert variants["reference"]["ratio_vs_reference"] == 1.0
+    # the same sample, timestep and noise: the trainer's variants start from the same loss
+    assert abs(variants["ours_fused"]["first_loss"] - variants["ours_eager"]["first_loss"]) < 1e-5
