@@ -6,10 +6,13 @@
     NGPU=8 bash scripts/rl/train.sh --config configs/rl/klein9b_grpo.yaml
 
 Per iteration and rank: sample `prompts_per_step` groups of G SDE trajectories (the judge scores
-group k while group k+1 is sampled), compute rewards (None = no signal), group-normalised advantages
-with GDPO across ranks, then the clipped-ratio loss on `int((S-1) * timestep_fraction)` random
-transitions per sample, `grad_accum` samples per optimizer step. Checkpoints at iteration ends:
-LoRA (diffusers naming, alpha), optimizer, RNG, step; a rerun resumes exactly.
+group k while group k+1 is sampled; with sampling.rollout_chunk, chunk i while chunk i+1 is sampled),
+compute rewards (None = no signal), group-normalised advantages with GDPO across ranks, then the
+clipped-ratio loss on `int((S-1) * timestep_fraction)` random transitions per sample, `grad_accum`
+samples per optimizer step (train.micro_batch transitions per forward). Speed switches, all off by
+default: model.compile, model.attention_backend, sampling.rollout_chunk, train.micro_batch.
+Checkpoints at iteration ends: LoRA (diffusers naming, alpha), optimizer, RNG, step; a rerun resumes
+exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from etchr_rl.advantages import combine, dist_gather, gdpo, zero_variance_fracti
 from etchr_rl.checkpoint import finalize, latest_checkpoint, meta, step_dir  # noqa: E402
 from etchr_rl.config import ConfigError, load_rl_config, save_config, split_cli, to_container  # noqa: E402
 from etchr_rl.lora import save_lora  # noqa: E402
-from etchr_rl.model import DTYPES, add_lora, load_pipeline, lora_target_names, velocity  # noqa: E402
+from etchr_rl.model import DTYPES, add_lora, apply_speed_options, load_pipeline, lora_target_names, velocity  # noqa: E402
 from etchr_rl.rollout import noise_generator, sample_group  # noqa: E402
 from etchr_rl.sde import clipped_loss, log_prob, ratio, sde_mean, sigma_schedule, step_noise_scale  # noqa: E402
 
@@ -135,6 +138,7 @@ def train(cfg) -> dict:
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(device)
+    apply_speed_options(transformer, attention_backend=cfg.model.attention_backend, compile=cfg.model.compile)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
@@ -167,30 +171,18 @@ def train(cfg) -> dict:
         while position.step < cfg.train.max_steps:
             it = position.iteration
             t0 = time.time()
-            # ---- rollout (the judge scores group k while group k+1 is sampled)
+            # ---- rollout (the judge scores group k / chunk i while group k+1 / chunk i+1 is sampled)
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.eval()
-            groups, futures = [], []
+            items = []
             for i in range(cfg.train.prompts_per_step):
                 p_index = ((it * world + rank) * cfg.train.prompts_per_step + i) % len(prompts)
-                prompt = prompts[p_index]
-                source = _load_source(prompt)
-                g = sample_group(pipe, unwrapped, prompt.instruction, source, group_size=G, steps=S, shift=s.shift,
-                                 eta=s.eta, seed=cfg.train.seed, step=it, prompt_index=p_index, rank=rank,
-                                 same_init_noise=s.same_init_noise_in_group, resize=cfg.data.resize,
-                                 max_area=cfg.data.max_area, size=cfg.data.size,
-                                 max_sequence_length=cfg.model.max_sequence_length, batch_group=s.batch_group)
-                inputs = [R.RewardInput(instruction=prompt.instruction, question=prompt.question, answer=prompt.answer,
-                                        original=source, edited=img, meta=prompt.meta) for img in g.images]
-                futures.append(bg.submit(R.compute_rewards(inputs, names, judge, cfg)))
-                groups.append(g)
+                items.append((p_index, prompts[p_index], _load_source(prompts[p_index])))
+            groups, pending = sample_and_score(cfg, pipe, unwrapped, items, it, rank, bg, judge, names)
             t_rollout = time.time() - t0
-            # ---- rewards
+            # ---- rewards (what is left of the scoring once sampling is done)
             t1 = time.time()
-            rewards = {n: [] for n in names}
-            for f in futures:
-                for n, vals in f.result().items():
-                    rewards[n].extend(vals)
+            rewards = gather_rewards(pending, names)
             t_reward = time.time() - t1
             fail_rate = R.failure_rate(rewards)
             R.check_failures(rewards, cfg.judge.max_failure_rate, judge=judge)  # raises RewardFailure: run aborts
@@ -233,65 +225,141 @@ def train(cfg) -> dict:
     return {"step": position.step, "transformer": accelerator.unwrap_model(model)}
 
 
+def sample_and_score(cfg, pipe, transformer, items, it, rank, bg, judge, names) -> tuple[list, list]:
+    """Sample one group per (prompt_index, prompt, source image) in `items`. Each rollout chunk's reward
+    scoring goes to the background loop as soon as the chunk is decoded, so the judge scores chunk i (and
+    group k) while the GPU samples chunk i+1 (and group k+1). Returns (groups, pending): pending[g] lists
+    group g's reward futures in sample order (see gather_rewards)."""
+    from etchr_rl import rewards as R
+
+    s = cfg.sampling
+    groups, pending = [], []
+    for p_index, prompt, source in items:
+        futures = []
+
+        def submit(indices, images, prompt=prompt, source=source, futures=futures):
+            inputs = [R.RewardInput(instruction=prompt.instruction, question=prompt.question, answer=prompt.answer,
+                                    original=source, edited=img, meta=prompt.meta) for img in images]
+            futures.append(bg.submit(R.compute_rewards(inputs, names, judge, cfg)))
+
+        groups.append(sample_group(pipe, transformer, prompt.instruction, source, group_size=s.group_size,
+                                   steps=s.steps, shift=s.shift, eta=s.eta, seed=cfg.train.seed, step=it,
+                                   prompt_index=p_index, rank=rank, same_init_noise=s.same_init_noise_in_group,
+                                   resize=cfg.data.resize, max_area=cfg.data.max_area, size=cfg.data.size,
+                                   max_sequence_length=cfg.model.max_sequence_length, batch_group=s.batch_group,
+                                   chunk=s.rollout_chunk, on_chunk=submit))
+        pending.append(futures)
+    return groups, pending
+
+
+def gather_rewards(pending, names) -> dict:
+    """Wait for the reward futures of sample_and_score; name -> one value per sample, groups in order."""
+    rewards = {n: [] for n in names}
+    for futures in pending:
+        for f in futures:
+            for n, vals in f.result().items():
+                rewards[n].extend(vals)
+    return rewards
+
+
 def train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, adv, sigmas, n_train,
                     position, it, rank, device, bar) -> dict:
-    """The clipped-ratio loss on the stored trajectories; one optimizer step per grad_accum samples."""
-    from etchr_rl.model import latent_grid, target_ids
+    """The clipped-ratio loss on the stored trajectories; one optimizer step per grad_accum samples.
 
+    Each sample trains n_train randomly picked transitions; each transition's loss is divided by
+    (grad_accum * n_train) and the window's sum is back-propagated. With train.micro_batch > 1 up to that many
+    transitions of one prompt (same conditioning) within one accumulation window share a forward: the same sum,
+    fewer and larger forwards. DDP syncs gradients only on the last backward of a window.
+    """
     s = cfg.sampling
     G, S = s.group_size, s.steps
     accum = cfg.train.grad_accum
-    ratios, clipped, losses, grad_norms, kls = [], [], [], [], []
-    sample = 0
-    for g in groups:
-        embeds, text_ids, ref, ref_ids = g.embeds, g.text_ids, g.ref, g.ref_ids  # from the rollout
-        h, w = latent_grid(pipe, *g.size)
-        ids = target_ids(h, w, 1, device)
+    st = {"ratios": [], "clipped": [], "losses": [], "kls": [], "grad_norms": []}
+    window, sample = [], 0
+    for gi, g in enumerate(groups):
         for j in range(G):
-            a = adv[sample].to(device=device, dtype=torch.float32).view(1)
             # 14 of the 24 kept transitions, drawn per sample (seeded: resume and ranks reproduce it)
             pick = torch.randperm(S - 1, generator=noise_generator(cfg.train.seed, it, g.prompt_index, rank,
                                                                     20_000 + j))[:n_train].sort().values.tolist()
-            last_in_window = (sample + 1) % accum == 0
-            for n, k in enumerate(pick):
-                sync = last_in_window and n == len(pick) - 1
-                ctx = nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
-                with ctx:
-                    x = g.states[j, k].unsqueeze(0).to(device)
-                    sigma_k, dt, sc = step_noise_scale(sigmas, k, s.eta)
-                    v = velocity(model, x, ids, ref, ref_ids, torch.tensor([sigma_k], device=device), embeds, text_ids)
-                    mu_new = sde_mean(x, v, sigmas, k, s.eta)
-                    x_next = g.next_states[j, k].unsqueeze(0).to(device)
-                    mu_old = g.means[j, k].unsqueeze(0).to(device)
-                    logp_new = log_prob(x_next, mu_new, sc)
-                    r = ratio(logp_new, g.logps[j, k].view(1).to(device), mu_new, mu_old, sc)
-                    loss = clipped_loss(a, r, cfg.optim.clip_range, dt).mean()
-                    if cfg.optim.kl_coef > 0:
-                        with torch.no_grad():
-                            unwrapped.disable_adapters()
-                            v_ref = velocity(unwrapped, x, ids, ref, ref_ids, torch.tensor([sigma_k], device=device),
-                                             embeds, text_ids)
-                            unwrapped.enable_adapters()
-                        kl = ((mu_new - sde_mean(x, v_ref, sigmas, k, s.eta)) ** 2).mean() / (2 * sc * sc)
-                        loss = loss + cfg.optim.kl_coef * kl
-                        kls.append(kl.item())
-                    accelerator.backward(loss / (accum * n_train))
-                ratios.append(r.item())
-                clipped.append(float(abs(r.item() - 1.0) > cfg.optim.clip_range))
-                losses.append(loss.item())
+            window.extend((gi, j, k, sample) for k in pick)
             sample += 1
-            if last_in_window:
+            if sample % accum == 0:  # the end of an accumulation window: its micro-batches, then one step
+                batches = _micro_batches(window, cfg.train.micro_batch)
+                for b, mb in enumerate(batches):
+                    sync = b == len(batches) - 1
+                    ctx = nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
+                    with ctx:
+                        _train_micro_batch(cfg, accelerator, model, unwrapped, pipe, groups[mb[0][0]], mb, adv,
+                                           sigmas, accum * n_train, device, st)
+                window = []
                 norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
-                grad_norms.append(float(norm) if norm is not None else float("nan"))
+                st["grad_norms"].append(float(norm) if norm is not None else float("nan"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 position.step += 1
                 bar.update(1)
-    out = {"loss": _mean(losses), "ratio_mean": _mean(ratios), "clip_fraction": _mean(clipped),
-           "grad_norm": _mean(grad_norms), "advantage_abs_mean": float(adv.abs().mean())}
-    if kls:
-        out["kl"] = _mean(kls)
+    out = {"loss": _mean(st["losses"]), "ratio_mean": _mean(st["ratios"]), "clip_fraction": _mean(st["clipped"]),
+           "grad_norm": _mean(st["grad_norms"]), "advantage_abs_mean": float(adv.abs().mean())}
+    if st["kls"]:
+        out["kl"] = _mean(st["kls"])
     return out
+
+
+def _micro_batches(window: list, size: int) -> list:
+    """Consecutive runs of at most `size` (group, sample, transition, sample index) items of the same group."""
+    batches = []
+    for item in window:
+        if batches and len(batches[-1]) < size and batches[-1][-1][0] == item[0]:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def _train_micro_batch(cfg, accelerator, model, unwrapped, pipe, g, mb, adv, sigmas, denom, device, st) -> None:
+    """One forward + backward of the transitions `mb` of group g: sum_t loss_t / denom (the per-row SDE math
+    is the batch-1 code applied row by row, so micro-batching changes only the forward's batch size)."""
+    from etchr_rl.model import latent_grid, target_ids
+
+    s = cfg.sampling
+    n = len(mb)
+    h, w = latent_grid(pipe, *g.size)
+    ids = target_ids(h, w, n, device)
+    js, ks = [item[1] for item in mb], [item[2] for item in mb]
+    x = torch.stack([g.states[j, k] for j, k in zip(js, ks)]).to(device)
+    x_next = torch.stack([g.next_states[j, k] for j, k in zip(js, ks)]).to(device)
+    mu_old = torch.stack([g.means[j, k] for j, k in zip(js, ks)]).to(device)
+    logp_old = torch.stack([g.logps[j, k] for j, k in zip(js, ks)]).to(device)
+    a = adv[[item[3] for item in mb]].to(device=device, dtype=torch.float32)
+    sigma = torch.tensor([float(sigmas[k]) for k in ks], device=device)
+    v = velocity(model, x, ids, g.ref, g.ref_ids, sigma, g.embeds, g.text_ids)
+    v_ref = None
+    if cfg.optim.kl_coef > 0:
+        with torch.no_grad():
+            unwrapped.disable_adapters()
+            v_ref = velocity(unwrapped, x, ids, g.ref, g.ref_ids, sigma, g.embeds, g.text_ids)
+            unwrapped.enable_adapters()
+    losses, ratios, kls = [], [], []
+    for i, k in enumerate(ks):
+        row = slice(i, i + 1)
+        _, dt, sc = step_noise_scale(sigmas, k, s.eta)
+        mu_new = sde_mean(x[row], v[row], sigmas, k, s.eta)
+        logp_new = log_prob(x_next[row], mu_new, sc)
+        r = ratio(logp_new, logp_old[row], mu_new, mu_old[row], sc)
+        loss = clipped_loss(a[row], r, cfg.optim.clip_range, dt).mean()
+        if v_ref is not None:
+            kl = ((mu_new - sde_mean(x[row], v_ref[row], sigmas, k, s.eta)) ** 2).mean() / (2 * sc * sc)
+            loss = loss + cfg.optim.kl_coef * kl
+            kls.append(kl.detach())
+        losses.append(loss)
+        ratios.append(r.detach().view(()))
+    accelerator.backward(torch.stack(losses).sum() / denom)
+    for r in torch.stack(ratios).tolist():
+        st["ratios"].append(r)
+        st["clipped"].append(float(abs(r - 1.0) > cfg.optim.clip_range))
+    st["losses"].extend(torch.stack(losses).detach().tolist())
+    if kls:
+        st["kls"].extend(torch.stack(kls).tolist())
 
 
 # ================================================================ save

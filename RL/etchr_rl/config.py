@@ -24,6 +24,13 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # RL LoRA targets (PROTOCOL.md section 2): the SFT list without the single blocks' attn.to_out.
 REFERENCE_REWARD_WEIGHTS = {"guidance": 0.5, "correctness": 0.5}
+# diffusers attention backends (AttentionBackendName) that need nothing beyond PyTorch and have a backward.
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math")
+CUDA_ONLY_ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash", "_native_efficient")
+HALF_ONLY_ATTENTION_BACKENDS = ("_native_cudnn", "_native_flash")  # bf16 / fp16 inputs only
+# Refused for training: cuDNN attention's backward crashed the process in both training benchmarks (H200,
+# torch 2.11.0+cu130: CUBLAS_STATUS_EXECUTION_FAILED, then illegal memory accesses; docs/PERFORMANCE.md).
+TRAINING_UNSAFE_ATTENTION_BACKENDS = ("_native_cudnn",)
 REFERENCE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                           "to_add_out", "linear_in", "linear_out", "to_qkv_mlp_proj"]
 
@@ -34,6 +41,11 @@ class ModelConfig:
     dtype: str = "bf16"  # bf16 | fp32
     gradient_checkpointing: bool = True
     max_sequence_length: int = 512  # text tokens
+    # Speed switches (docs/PERFORMANCE.md, bench_rl_group). compile: regional torch.compile of the
+    # transformer blocks (rollout and training; not bit-identical to eager). attention_backend: diffusers'
+    # attention dispatch for the transformer, one of ATTENTION_BACKENDS ("native" = torch SDPA's choice).
+    compile: bool = False
+    attention_backend: str = "native"
 
 
 @dataclass
@@ -62,6 +74,9 @@ class SamplingConfig:
     guidance: float = 1.0  # no CFG during rollouts
     same_init_noise_in_group: bool = False  # True = one initial noise per group
     batch_group: bool = True  # sample a group as one batch when memory allows
+    # Samples per rollout chunk (0 = the whole group at once). Chunks are sampled one after another and each
+    # is scored by the judge as soon as it is decoded, so scoring chunk i overlaps sampling chunk i+1.
+    rollout_chunk: int = 0
 
 
 @dataclass
@@ -105,6 +120,10 @@ class TrainConfig:
     run_dir: str = "runs/rl"
     prompts_per_step: int = 1  # prompts (groups) per GPU per rollout phase
     grad_accum: int = 4  # reference: 4 (2 optimizer steps per group)
+    # Transitions stacked in one training forward (within one prompt's samples of one accumulation window,
+    # never across an optimizer step). The loss is the same sum as with 1 (the reference): gradients agree up
+    # to float rounding.
+    micro_batch: int = 1
     max_steps: int = 1000  # optimizer steps
     seed: int = 42
     checkpoint_every: int = 50  # optimizer steps; the final step is always saved
@@ -222,6 +241,20 @@ def validate_rl(cfg: DictConfig) -> None:
         raise ConfigError("judge.endpoints is empty: list at least one OpenAI base URL")
     if not 0 <= cfg.judge.max_failure_rate <= 1:
         raise ConfigError("judge.max_failure_rate must lie in [0, 1]")
+    if s.rollout_chunk < 0:
+        raise ConfigError(f"sampling.rollout_chunk={s.rollout_chunk}: use 0 (the whole group at once) or a "
+                          "positive number of samples per chunk")
+    if cfg.train.micro_batch < 1:
+        raise ConfigError(f"train.micro_batch={cfg.train.micro_batch}: use >= 1 transitions per training forward")
+    backend = cfg.model.attention_backend
+    if backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention_backend={backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend in TRAINING_UNSAFE_ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention_backend={backend!r}: its backward pass crashed training on H200 with "
+                          f"torch 2.11 (docs/PERFORMANCE.md); use native (the fastest measured) or _native_flash")
+    if backend in HALF_ONLY_ATTENTION_BACKENDS and cfg.model.dtype != "bf16":
+        raise ConfigError(f"model.attention_backend={backend!r} needs bf16 weights (model.dtype={cfg.model.dtype!r}); "
+                          "use native or _native_math in fp32")
 
 
 def load_rl_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:

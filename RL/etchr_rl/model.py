@@ -47,6 +47,35 @@ def add_lora(transformer, rank: int, alpha: float, targets: list[str]):
     return cfg
 
 
+def apply_speed_options(transformer, *, attention_backend: str = "native", compile: bool = False) -> None:
+    """The RL speed switches (config model.attention_backend, model.compile); call after LoRA, gradient
+    checkpointing and the move to the device.
+
+    attention_backend: diffusers' attention dispatch ("native" leaves torch SDPA's own choice).
+    compile: regional torch.compile of the repeated blocks (as Evaluation's editor), used by the rollout (no
+    grad) and by training (grad, through gradient checkpointing). Graph breaks are allowed, so that peft's
+    LoRA layers or checkpointing can never turn a run into an error. Shapes: dynamo's default (dynamic=None):
+    the first shape compiles static; the first time another shape comes (another source aspect ratio with
+    data.resize=keep_aspect, a rollout chunk or micro-batch remainder) it recompiles once with those dims
+    dynamic, so a run holds a bounded number of graphs. (dynamic=False would compile one graph per distinct
+    resolution and batch, reach dynamo's recompile limit on keep_aspect data and then run those shapes eager;
+    padding to fixed sizes would change the numbers.) With center_crop and a micro_batch / rollout_chunk that
+    divide the window / group, every shape is static.
+    """
+    from .config import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION_BACKENDS, ConfigError
+
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention_backend={attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    device = next(transformer.parameters()).device
+    if attention_backend in CUDA_ONLY_ATTENTION_BACKENDS and device.type != "cuda":
+        raise ConfigError(f"model.attention_backend={attention_backend!r} runs on CUDA only (the model is on "
+                          f"{device}); use native or _native_math")
+    if attention_backend != "native":
+        transformer.set_attention_backend(attention_backend)
+    if compile:
+        transformer.compile_repeated_blocks(fullgraph=False)
+
+
 def output_size(width: int, height: int, mode: str, max_area: int, size: int) -> tuple[int, int]:
     """(W, H) of the rollout: keep_aspect (area <= max_area, sides floored to 16, as Evaluation) or
     center_crop (the reference's size x size square)."""
