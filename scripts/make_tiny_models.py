@@ -3,6 +3,7 @@
 
     python scripts/make_tiny_models.py --out tiny_models [--seed 0]
     python scripts/make_tiny_models.py --out shapes_9b --full-shape
+    python scripts/make_tiny_models.py --out shapes_9b --full-shape --random-weights [--device cuda]
 
 Writes under --out:
   flux2-klein-tiny/   a FLUX.2-klein pipeline in the exact diffusers layout of FLUX.2-klein-base-9B
@@ -13,6 +14,10 @@ Writes under --out:
 With --full-shape it writes configs only (no weights) at the real shapes instead:
   flux2-klein-base-9b-shape/ and qwen3-vl-8b-shape/, for GPU benchmarks that build the models from
   these configs with random weights.
+With --full-shape --random-weights, flux2-klein-base-9b-shape/ also gets random bf16 weights (9.1 B
+transformer, 8.2 B Qwen3-8B text encoder, VAE; ~34 GB of safetensors, built on --device: a GPU takes
+about a minute, mostly disk writes), so the real entry points can load it like the released
+checkpoint (multi-GPU benchmarks). The Qwen3-VL stays configs only.
 
 The same seed gives byte-identical files (tested). The models are random: their edits are noise and
 their answers are gibberish. Nothing is downloaded.
@@ -256,6 +261,39 @@ def write_qwen3_vl(out: Path, seed: int, full: bool) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
+def write_random_weights(pipe_dir: str | os.PathLike, device: str = "cpu", seed: int = 0) -> Path:
+    """Give a pipeline dir that has configs only (transformer/, vae/, text_encoder/ config.json) random
+    bf16 weights in the diffusers / transformers layout, one model at a time, built directly on
+    `device`. The VAE's BatchNorm statistics are set to mean 0, var 1 (a real VAE's are O(1))."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import AutoConfig, Qwen3ForCausalLM
+
+    pipe_dir = Path(pipe_dir)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        for offset, sub in enumerate(("transformer", "vae", "text_encoder")):
+            torch.manual_seed(seed + offset)
+            with torch.device(device):
+                if sub == "transformer":
+                    model = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(pipe_dir / sub))
+                elif sub == "vae":
+                    model = AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(pipe_dir / sub))
+                    with torch.no_grad():
+                        model.bn.running_mean.zero_()
+                        model.bn.running_var.fill_(1.0)
+                else:
+                    model = Qwen3ForCausalLM(AutoConfig.from_pretrained(pipe_dir / sub))
+            model.save_pretrained(pipe_dir / sub)
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    finally:
+        torch.set_default_dtype(old)
+    return pipe_dir
+
+
 def _jsonable(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
@@ -264,8 +302,12 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def build(out: str | os.PathLike, seed: int = 0, full_shape: bool = False) -> dict[str, Path]:
-    """Build both models under `out` (atomically: a temp dir renamed into place). Returns their dirs."""
+def build(out: str | os.PathLike, seed: int = 0, full_shape: bool = False, random_weights: bool = False,
+          device: str = "cpu") -> dict[str, Path]:
+    """Build both models under `out` (atomically: a temp dir renamed into place). Returns their dirs.
+    `random_weights` (with full_shape): also write random bf16 weights of the FLUX.2 pipeline on `device`."""
+    if random_weights and not full_shape:
+        raise ValueError("random_weights needs full_shape (the tiny models always have weights)")
     out = Path(out)
     names = (("flux2-klein-base-9b-shape", "qwen3-vl-8b-shape") if full_shape else ("flux2-klein-tiny", "qwen3-vl-tiny"))
     out.mkdir(parents=True, exist_ok=True)
@@ -275,10 +317,14 @@ def build(out: str | os.PathLike, seed: int = 0, full_shape: bool = False) -> di
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
         try:
             writer(tmp, seed, full_shape)
-            (tmp / "ETCHR_TINY_MODEL.json").write_text(json.dumps(
-                {"generator": "scripts/make_tiny_models.py", "seed": seed, "full_shape": full_shape,
-                 "note": "random weights: outputs are meaningless" if not full_shape else "configs only"},
-                indent=2, sort_keys=True) + "\n")
+            weights = random_weights and writer is write_flux2_klein
+            if weights:
+                write_random_weights(tmp, device, seed)
+            info = {"generator": "scripts/make_tiny_models.py", "seed": seed, "full_shape": full_shape,
+                    "note": "random weights: outputs are meaningless" if not full_shape or weights else "configs only"}
+            if weights:
+                info["random_weights"] = True
+            (tmp / "ETCHR_TINY_MODEL.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -294,8 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="weight seed (same seed -> byte-identical files)")
     ap.add_argument("--full-shape", action="store_true", help="real 9B-shape configs only, no weights")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="with --full-shape: also write random bf16 weights of the 9B-shape FLUX.2 pipeline (~34 GB)")
+    ap.add_argument("--device", default="cpu", help="where --random-weights builds the weights (cuda is fast)")
     args = ap.parse_args(argv)
-    dirs = build(args.out, args.seed, args.full_shape)
+    if args.random_weights and not args.full_shape:
+        ap.error("--random-weights needs --full-shape")
+    dirs = build(args.out, args.seed, args.full_shape, args.random_weights, args.device)
     for name, path in dirs.items():
         print(f"wrote {path}")
     if not args.full_shape:
