@@ -20,6 +20,7 @@ import base64
 import importlib.util
 import io
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -136,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         run_step("SFT training", [py, REPO / "SFT" / "train_sft.py", "--config", REPO / "configs" / "sft" / "tiny_demo.yaml",
                                   f"model.pretrained_path={flux_dir}", f"data.csv={sft_data / 'sft_data.csv'}",
                                   f"train.run_dir={sft_run}"])
-        if sft_merged.exists():
-            import shutil
-
-            shutil.rmtree(sft_merged)
+        shutil.rmtree(sft_merged, ignore_errors=True)  # merge_lora.py writes a fresh dir
         run_step("SFT merge", [py, REPO / "SFT" / "merge_lora.py", "--base", flux_dir, "--lora",
                                sft_run / "checkpoints" / "step-000004", "--out", sft_merged])
 
@@ -152,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"model.pretrained_path={sft_merged}", f"data.jsonl={rl_data / 'grpo.jsonl'}",
                                  f"train.run_dir={rl_run}", f"judge.endpoints={endpoints}",
                                  f"judge.model={server.model}"])
-        if rl_merged.exists():
-            import shutil
-
-            shutil.rmtree(rl_merged)
+        shutil.rmtree(rl_merged, ignore_errors=True)
         run_step("RL merge", [py, REPO / "RL" / "merge_lora.py", "--base", sft_merged, "--lora",
                               rl_run / "checkpoints" / "step-000002", "--out", rl_merged])
 

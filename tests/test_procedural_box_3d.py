@@ -17,19 +17,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_script
 RED = (255, 0, 0)
 
 
 def _procedural(name: str):
-    """scripts/procedural/<name>.py, the folder imported by path as the package `etchr_procedural`."""
-    folder = REPO / "scripts" / "procedural"
-    if "etchr_procedural" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("etchr_procedural", folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["etchr_procedural"] = pkg
-        spec.loader.exec_module(pkg)
+    """scripts/procedural/<name>.py, through build_benchmark's loader of the folder as `etchr_procedural`."""
+    load_script("build_benchmark").load_procedural()
     return importlib.import_module(f"etchr_procedural.{name}")
 
 

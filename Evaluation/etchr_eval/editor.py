@@ -264,7 +264,6 @@ class CFGBatch:
         self.forward = transformer.forward  # the bound original
         self.negative = None  # (embeds, text ids) while an edit runs
         self.pending = None  # (latents object, uncond output) between the two calls of a step
-        self.batched_calls = 0
 
     def __call__(self, hidden_states, timestep, encoder_hidden_states=None, txt_ids=None, img_ids=None, **kwargs):
         import torch
@@ -285,7 +284,6 @@ class CFGBatch:
                             encoder_hidden_states=torch.cat([encoder_hidden_states, neg_embeds.to(encoder_hidden_states.dtype)]),
                             txt_ids=torch.cat([txt_ids, neg_ids]), img_ids=torch.cat([img_ids, img_ids]),
                             **{**kwargs, "return_dict": False})[0]
-        self.batched_calls += 1
         self.pending = (hidden_states, both[b:])
         return _as_output(both[:b]) if kwargs.get("return_dict", True) else (both[:b],)
 

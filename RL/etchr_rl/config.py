@@ -246,15 +246,23 @@ def validate_rl(cfg: DictConfig) -> None:
                           "positive number of samples per chunk")
     if cfg.train.micro_batch < 1:
         raise ConfigError(f"train.micro_batch={cfg.train.micro_batch}: use >= 1 transitions per training forward")
-    backend = cfg.model.attention_backend
+    check_attention_backend(cfg.model.attention_backend, dtype=cfg.model.dtype)
+
+
+def check_attention_backend(backend: str, *, dtype: Optional[str] = None, device_type: Optional[str] = None) -> None:
+    """model.attention_backend against what it needs: a known name, safe for training, bf16 weights
+    (dtype, when known) and CUDA (device_type, when known)."""
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"model.attention_backend={backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     if backend in TRAINING_UNSAFE_ATTENTION_BACKENDS:
         raise ConfigError(f"model.attention_backend={backend!r}: its backward pass crashed training on H200 with "
                           f"torch 2.11 (docs/PERFORMANCE.md); use native (the fastest measured) or _native_flash")
-    if backend in HALF_ONLY_ATTENTION_BACKENDS and cfg.model.dtype != "bf16":
-        raise ConfigError(f"model.attention_backend={backend!r} needs bf16 weights (model.dtype={cfg.model.dtype!r}); "
+    if dtype is not None and backend in HALF_ONLY_ATTENTION_BACKENDS and dtype != "bf16":
+        raise ConfigError(f"model.attention_backend={backend!r} needs bf16 weights (model.dtype={dtype!r}); "
                           "use native or _native_math in fp32")
+    if device_type is not None and backend in CUDA_ONLY_ATTENTION_BACKENDS and device_type != "cuda":
+        raise ConfigError(f"model.attention_backend={backend!r} runs on CUDA only (the model is on "
+                          f"{device_type}); use native or _native_math")
 
 
 def load_rl_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:

@@ -62,14 +62,9 @@ def apply_speed_options(transformer, *, attention_backend: str = "native", compi
     padding to fixed sizes would change the numbers.) With center_crop and a micro_batch / rollout_chunk that
     divide the window / group, every shape is static.
     """
-    from .config import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION_BACKENDS, ConfigError
+    from .config import check_attention_backend
 
-    if attention_backend not in ATTENTION_BACKENDS:
-        raise ConfigError(f"model.attention_backend={attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
-    device = next(transformer.parameters()).device
-    if attention_backend in CUDA_ONLY_ATTENTION_BACKENDS and device.type != "cuda":
-        raise ConfigError(f"model.attention_backend={attention_backend!r} runs on CUDA only (the model is on "
-                          f"{device}); use native or _native_math")
+    check_attention_backend(attention_backend, device_type=next(transformer.parameters()).device.type)
     if attention_backend != "native":
         transformer.set_attention_backend(attention_backend)
     if compile:

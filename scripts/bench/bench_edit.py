@@ -25,85 +25,26 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from benchlib import REPO, dit_inputs, full_shape_pipeline, matmul_ceiling  # noqa: E402
+
 sys.path.insert(0, str(REPO / "Evaluation"))
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def matmul_ceiling(n: int = 8192, reps: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1000)
-    return 2 * n ** 3 / statistics.median(times) / 1e12
-
-
-def build_pipeline(shapes: Path):
-    """The 9B-shape pipeline with random bf16 weights, created directly on the GPU."""
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
-                           Flux2Transformer2DModel)
-    from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            transformer = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(shapes / "transformer"))
-            vae = AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(shapes / "vae"))
-            text_encoder = Qwen3ForCausalLM(AutoConfig.from_pretrained(shapes / "text_encoder"))
-    finally:
-        torch.set_default_dtype(old)
-    with torch.no_grad():  # BatchNorm stats of a real VAE are O(1); keep the latent scale sane
-        vae.bn.running_var.fill_(1.0)
-        vae.bn.running_mean.zero_()
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(shapes / "scheduler"), vae=vae,
-                              text_encoder=text_encoder.eval(), tokenizer=AutoTokenizer.from_pretrained(shapes / "tokenizer"),
-                              transformer=transformer.eval(), is_distilled=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def dit_forward_flops(pipe, size: int) -> float:
     """FLOPs of one DiT forward at the edit's token counts (512 text + target + reference)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    t = pipe.transformer
-    n = (size // 16) ** 2
-    c = t.config.in_channels
-    hidden = torch.randn(1, 2 * n, c, device="cuda", dtype=torch.bfloat16)
-    ids = torch.zeros(1, 2 * n, 4, device="cuda", dtype=torch.long)
-    txt = torch.randn(1, 512, t.config.joint_attention_dim, device="cuda", dtype=torch.bfloat16)
-    txt_ids = torch.zeros(1, 512, 4, device="cuda", dtype=torch.long)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        t(hidden_states=hidden, timestep=torch.ones(1, device="cuda", dtype=torch.bfloat16), guidance=None,
-          encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=ids, return_dict=False)
+        pipe.transformer(**dit_inputs(pipe.transformer, size))
     return float(counter.get_total_flops())
 
 
@@ -111,18 +52,13 @@ def forward_seconds(pipe, size: int, backend: str, reps: int = 5) -> float:
     """Median seconds of one DiT forward at the edit's token counts with a diffusers attention backend."""
     t = pipe.transformer
     t.set_attention_backend(backend)
-    n = (size // 16) ** 2
-    hidden = torch.randn(1, 2 * n, t.config.in_channels, device="cuda", dtype=torch.bfloat16)
-    ids = torch.zeros(1, 2 * n, 4, device="cuda", dtype=torch.long)
-    txt = torch.randn(1, 512, t.config.joint_attention_dim, device="cuda", dtype=torch.bfloat16)
-    txt_ids = torch.zeros(1, 512, 4, device="cuda", dtype=torch.long)
+    inputs = dit_inputs(t, size)
     times = []
     with torch.no_grad():
         for i in range(reps + 2):
             torch.cuda.synchronize()
             s0 = time.time()
-            t(hidden_states=hidden, timestep=torch.ones(1, device="cuda", dtype=torch.bfloat16), guidance=None,
-              encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=ids, return_dict=False)
+            t(**inputs)
             torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.time() - s0)
@@ -173,10 +109,8 @@ def main(argv=None) -> int:
     emit({"header": header})
     ceiling = matmul_ceiling()
     emit({"matmul_ceiling_tflops": round(ceiling, 1)})
-    shapes = Path(tempfile.mkdtemp()) / "flux2-klein-base-9b-shape"
-    _script("make_tiny_models").write_flux2_klein(shapes, 0, True)  # configs + tokenizer only
     t0 = time.time()
-    pipe = build_pipeline(shapes)
+    pipe = full_shape_pipeline()
     emit({"built_s": round(time.time() - t0, 1), "transformer_params": sum(p.numel() for p in pipe.transformer.parameters())})
     flops = dit_forward_flops(pipe, a.size)
     emit({"dit_forward_tflop": round(flops / 1e12, 2)})

@@ -17,59 +17,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import importlib.util
 import json
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from benchlib import REPO, StubEndpoint, build_pipeline, evr_reply, load_script, make_tiny_models
+
 sys.path.insert(0, str(REPO / "Evaluation"))
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def stub_server(latency: float) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
-        def _send(self, body: dict):
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            self._send({"object": "list", "data": [{"id": "stub", "object": "model"}]})
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            time.sleep(latency)
-            text = "\\boxed{1}" if "judge" in json.dumps(body) else "\\boxed{A}"
-            self._send({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}]})
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
 
 
 def main(argv=None) -> int:
@@ -99,17 +58,16 @@ def main(argv=None) -> int:
     emit({"header": {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "date": datetime.date.today().isoformat(),
                      "items": a.items, "steps": a.steps, "size": a.size, "latency_s": a.latency}})
-    bench_edit = _load("bench_edit", Path(__file__).with_name("bench_edit.py"))
     work = Path(tempfile.mkdtemp())
     shapes = work / "flux2-klein-base-9b-shape"
-    _load("make_tiny_models", REPO / "scripts" / "make_tiny_models.py").write_flux2_klein(shapes, 0, True)
-    pipe = bench_edit.build_pipeline(shapes)
-    data = _load("fx", REPO / "scripts" / "make_dl3dv_fixture.py").make(str(work / "d.parquet"), n=a.items,
-                                                                          size=(a.size, a.size))
+    make_tiny_models().write_flux2_klein(shapes, 0, True)  # configs only; the editor fingerprints this dir
+    pipe = build_pipeline(shapes)
+    data = load_script("scripts/make_dl3dv_fixture.py", "etchr_make_dl3dv_fixture").make(
+        str(work / "d.parquet"), n=a.items, size=(a.size, a.size))
     task = get_task("dl3dv")
     items = task.load(data, None)
-    srv = stub_server(a.latency)
-    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    stub = StubEndpoint(a.latency, evr_reply)
+    url = stub.url
     cfg = SimpleNamespace(pipe_path=str(shapes), lora_path=None, lora_scale=1.0, lora_alpha=None, device="cuda",
                           dtype="bf16", steps=a.steps, guidance=3.5, seed=126, per_item_seed=True,
                           max_area=a.size * a.size, multiple_of=16, size_mode="keep_aspect", max_sequence_length=512,
@@ -157,7 +115,7 @@ def main(argv=None) -> int:
     emit({"variant": "ours_pipelined", "wall_s": round(ours_s, 2), "edit_only_s": round(edit_s, 2),
           "ratio_to_edit_only": round(ours_s / edit_s, 3), "speedup_vs_reference": round(ref_s / ours_s, 3),
           "tail_wait_s": round(stats.tail_wait_s, 2), "failed": stats.failed, "edits": stats.edits})
-    srv.shutdown()
+    stub.close()
     return 0
 
 

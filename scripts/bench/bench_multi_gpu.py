@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import shutil
@@ -65,7 +64,8 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from benchlib import REPO, StubEndpoint, evr_reply, load_script, make_tiny_models
+
 T0 = time.time()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # GPU machines have no network; every model is local
 
@@ -73,13 +73,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # GPU machines have no network; ev
 # ----------------------------------------------------------------------------------------------
 # small helpers
 # ----------------------------------------------------------------------------------------------
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,7 +189,7 @@ def write_model(a, work: Path, emit) -> Path | None:
         ok = (pipe / "model_index.json").is_file()
         emit({"part": "write_model", "ok": ok, "given": str(pipe)})
         return pipe if ok else None
-    mt = _load("make_tiny_models", REPO / "scripts" / "make_tiny_models.py")
+    mt = make_tiny_models()
     if a.tiny:
         dirs = mt.build(work / "models", 0, False)
         return dirs["flux2-klein-tiny"]
@@ -453,10 +446,10 @@ def main(argv=None) -> int:
         csv = write_sft_data(a.work / "sft", n_rows, a.size) if parts & {"sft_zero2", "sft_ddp"} else None
         data = None
         if "eval" in parts:
-            fx = _load("make_dl3dv_fixture", REPO / "scripts" / "make_dl3dv_fixture.py")
+            fx = load_script("scripts/make_dl3dv_fixture.py", "etchr_make_dl3dv_fixture")
             data = Path(fx.make(str(a.work / "dl3dv.parquet"), n=a.eval_items, size=(a.size, a.size)))
-        stub = _load("bench_eval_e2e", REPO / "scripts" / "bench" / "bench_eval_e2e.py").stub_server(a.latency)
-        url = f"http://127.0.0.1:{stub.server_address[1]}/v1"
+        stub = StubEndpoint(a.latency, evr_reply)
+        url = stub.url
         emit({"part": "inputs", "sft_rows": n_rows, "eval_items": a.eval_items, "wall_s": round(time.time() - t, 1)})
 
         zero2 = "sft_zero2" in parts and not a.tiny
@@ -512,7 +505,7 @@ def main(argv=None) -> int:
         if ddp:
             q2.append(lambda: sft("sft_ddp_n2", "ddp", 2, a.gpus))
         run_queue(q2)
-        stub.shutdown()
+        stub.close()
     finally:
         poller.stop()
         summarize(results, emit, out, a)

@@ -7,7 +7,7 @@ rollout + reward scoring + training, the reference-style loop against ours (RL/t
     python scripts/bench/bench_rl_group.py --tiny [--tiny-models DIR]     # CPU smoke test, tiny twin, fp32
 
 On a GPU: FLUX.2-klein-base-9B at full shape with random bf16 weights (configs from
-scripts/make_tiny_models.py --full-shape, built directly on the card by bench_edit.build_pipeline), the RL
+scripts/make_tiny_models.py --full-shape, built directly on the card by benchlib.build_pipeline), the RL
 LoRA (rank 64, alpha 128, the RL targets) and gradient checkpointing (the RL default) for every variant.
 One process, one card, one prompt and source image, the same seeds. Variants (eager ones first: compilation
 is permanent for the rest of the process):
@@ -46,22 +46,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+from benchlib import (REPO, StubEndpoint, full_shape_pipeline, load_script, make_tiny_models,  # noqa: E402
+                      matmul_ceiling)
+
 sys.path.insert(0, str(REPO / "RL"))
 
 VARIANTS = {  # name -> (micro-batched training, attention backend from the flag, compile)
@@ -73,68 +72,13 @@ VARIANTS = {  # name -> (micro-batched training, attention backend from the flag
 }
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-# ---------------------------------------------------------------------------------------------- judge stub
-class StubJudge:
-    """An OpenAI-compatible endpoint in a thread: every chat completion answers "1" after `latency` s."""
-
-    def __init__(self, latency: float):
-        self.latency = latency
-        self.requests = 0
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._send({"object": "list", "data": [{"id": "stub", "object": "model"}]})
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                time.sleep(stub.latency)
-                stub.requests += 1
-                self._send({"id": "stub", "object": "chat.completion", "created": 0, "model": "stub",
-                            "choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": "1"}}],
-                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True, name="stub-judge").start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 # ---------------------------------------------------------------------------------------------- the bench
 class Bench:
     def __init__(self, a, emit):
         self.a, self.emit = a, emit
         self.cuda = not a.tiny
         self.device = torch.device("cuda" if self.cuda else "cpu")
-        self.tg = _load("etchr_rl_train_grpo", REPO / "RL" / "train_grpo.py")
+        self.tg = load_script("RL/train_grpo.py", "etchr_rl_train_grpo")
         self.results: dict[str, dict] = {}
         self.reference = None  # the reference variant's groups, gradient and LoRA update
         self.compiled = False
@@ -166,13 +110,10 @@ class Bench:
 
         a = self.a
         if self.cuda:
-            bench_edit = _load("etchr_bench_edit", REPO / "scripts" / "bench" / "bench_edit.py")
-            self.ceiling = bench_edit.matmul_ceiling()
+            self.ceiling = matmul_ceiling()
             self.emit({"matmul_ceiling_tflops": round(self.ceiling, 1)})
-            shapes = Path(tempfile.mkdtemp()) / "flux2-klein-base-9b-shape"
-            _load("etchr_make_tiny_models", REPO / "scripts" / "make_tiny_models.py").write_flux2_klein(shapes, 0, True)
             t0 = time.time()
-            self.pipe = bench_edit.build_pipeline(shapes)
+            self.pipe = full_shape_pipeline()
             for frozen in (self.pipe.vae, self.pipe.text_encoder):  # as etchr_rl.model.load_pipeline
                 frozen.requires_grad_(False)
                 frozen.eval()
@@ -180,10 +121,10 @@ class Bench:
             self.ceiling = None
             root = Path(a.tiny_models) if a.tiny_models else Path(tempfile.mkdtemp()) / "tiny"
             if not (root / "flux2-klein-tiny" / "model_index.json").is_file():
-                _load("etchr_make_tiny_models", REPO / "scripts" / "make_tiny_models.py").build(root, seed=0)
+                make_tiny_models().build(root, seed=0)
             t0 = time.time()
             self.pipe = load_pipeline(str(root / "flux2-klein-tiny"), torch.float32)
-        self.stub = StubJudge(a.latency)
+        self.stub = StubEndpoint(a.latency, lambda body: "1")  # every judge verdict: yes
         cfg = self.config()
         transformer = self.transformer = self.pipe.transformer
         transformer.requires_grad_(False)

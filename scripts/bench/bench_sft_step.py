@@ -4,7 +4,7 @@
     python scripts/bench/bench_sft_step.py [--size 1024] [--steps 8] [--warmup 2] [--out results.jsonl]
     python scripts/bench/bench_sft_step.py --tiny          # CPU smoke run with the tiny random models
 
-Builds FLUX.2-klein-base-9B at full shape with random bf16 weights on the GPU (as bench_edit.py does;
+Builds FLUX.2-klein-base-9B at full shape with random bf16 weights on the GPU (benchlib.full_shape_pipeline;
 nothing downloaded), writes a few random 1024x1024 (target, input) pairs in the SFT CSV format, then
 times, in one process on one card with the same data:
   reference   a plain diffusers + peft loop written like the reference recipe: batch 1, eager, pure
@@ -29,7 +29,6 @@ import argparse
 import csv
 import datetime
 import gc
-import importlib.util
 import json
 import statistics
 import sys
@@ -39,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from benchlib import REPO, dit_inputs, full_shape_pipeline, make_tiny_models, matmul_ceiling  # noqa: E402
+
 sys.path.insert(0, str(REPO / "SFT"))
 
 # name -> (model.compile, model.attention_backend, optim.fused); eager variants first (compiling is
@@ -50,13 +50,6 @@ VARIANTS = {
     "ours_compile": (True, "native", True),
     "ours_compile_attn": (True, "best", True),  # the fastest backend of the --attention probe
 }
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_data(root: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -92,12 +85,7 @@ def attention_probe(pipe, size: int, backends: list[str], reps: int = 3) -> dict
     """Median seconds of one DiT forward + backward (the training shapes, batch 1, gradients to the
     inputs only) per diffusers attention backend; a backend the card lacks is left out."""
     t = pipe.transformer
-    n = (size // 16) ** 2
-    dev, dt = t.device, t.dtype
-    hidden = torch.randn(1, 2 * n, t.config.in_channels, device=dev, dtype=dt, requires_grad=True)
-    ids = torch.zeros(1, 2 * n, 4, device=dev, dtype=torch.long)
-    txt = torch.randn(1, 512, t.config.joint_attention_dim, device=dev, dtype=dt)
-    txt_ids = torch.zeros(1, 512, 4, device=dev, dtype=torch.long)
+    inputs = dit_inputs(t, size, requires_grad=True)
     out = {}
     t.enable_gradient_checkpointing()  # as in training (and the 9B's activations would not fit otherwise)
     for backend in backends:
@@ -107,8 +95,7 @@ def attention_probe(pipe, size: int, backends: list[str], reps: int = 3) -> dict
             for i in range(reps + 1):
                 torch.cuda.synchronize()
                 s0 = time.perf_counter()
-                y = t(hidden_states=hidden, timestep=torch.full((1,), 0.5, device=dev, dtype=dt), guidance=None,
-                      encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
+                y = t(**inputs)[0]
                 y.float().square().mean().backward()
                 torch.cuda.synchronize()
                 if i:
@@ -116,7 +103,7 @@ def attention_probe(pipe, size: int, backends: list[str], reps: int = 3) -> dict
             out[backend] = statistics.median(times)
         except Exception as exc:  # a kernel this card/torch lacks
             out[backend] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        hidden.grad = None
+        inputs["hidden_states"].grad = None
     t.set_attention_backend("native")
     t.disable_gradient_checkpointing()
     return out
@@ -210,7 +197,7 @@ def ours(pipe, csv_path: Path, run_dir: Path, args, compile_: bool, backend: str
                  "train.validate_every=0", "train.resume=never", f"lora.rank={args.rank}", f"lora.alpha={args.rank}",
                  f"model.compile={str(compile_).lower()}", f"model.attention_backend={backend}",
                  f"optim.fused={str(fused).lower()}", f"data.max_pixels={args.size * args.size}",
-                 f"model.pretrained_path=in-memory", f"data.num_workers={args.num_workers}"]
+                 "model.pretrained_path=in-memory", f"data.num_workers={args.num_workers}"]
     cfg = load_sft_config(str(REPO / "configs" / "sft" / "klein9b_lora_r768.yaml"), overrides)
     if args.tiny:
         cfg.model.dtype = "fp32"
@@ -250,7 +237,6 @@ def main(argv=None) -> int:
     import diffusers
 
     cuda = torch.cuda.is_available() and not a.tiny
-    bench_edit = _load(REPO / "scripts" / "bench" / "bench_edit.py", "bench_edit")
 
     def emit(obj):
         print(json.dumps(obj), flush=True)
@@ -262,7 +248,7 @@ def main(argv=None) -> int:
                      "diffusers": diffusers.__version__, "date": datetime.date.today().isoformat(), "size": a.size,
                      "lora_rank": a.rank, "steps": a.steps, "warmup": a.warmup, "batch": 1,
                      "gradient_checkpointing": True, "tiny": a.tiny}})
-    ceiling = bench_edit.matmul_ceiling() if cuda else None
+    ceiling = matmul_ceiling() if cuda else None
     if ceiling:
         emit({"matmul_ceiling_tflops": round(ceiling, 1)})
     work = Path(tempfile.mkdtemp(prefix="bench_sft_"))
@@ -271,12 +257,10 @@ def main(argv=None) -> int:
         from etchr_sft.model import load_pipeline
 
         tiny = work / "flux2-klein-tiny"
-        _load(REPO / "scripts" / "make_tiny_models.py", "make_tiny_models").write_flux2_klein(tiny, 0, False)
+        make_tiny_models().write_flux2_klein(tiny, 0, False)
         pipe = load_pipeline(str(tiny), torch.float32)
     else:
-        shapes = work / "flux2-klein-base-9b-shape"
-        _load(REPO / "scripts" / "make_tiny_models.py", "make_tiny_models").write_flux2_klein(shapes, 0, True)
-        pipe = bench_edit.build_pipeline(shapes)
+        pipe = full_shape_pipeline(work)
         for m in (pipe.vae, pipe.text_encoder):
             m.requires_grad_(False)
     emit({"built_s": round(time.time() - t0, 1),

@@ -101,6 +101,15 @@ def decode_image(cell: Any, where: str = "", base_dir: str | None = None) -> Ima
     raise ItemError(f"{where}: no image bytes or path in cell of type {type(cell).__name__}")
 
 
+def table_rows(df, path: str, limit: Optional[int] = None):
+    """(row number, row, "file row N" for error messages) for the first `limit` rows (all if None)."""
+    import os
+
+    name = os.path.basename(path)
+    for row in range(len(df) if limit is None else min(limit, len(df))):
+        yield row, df.iloc[row], f"{name} row {row}"
+
+
 def read_table(path: str, required: list[str]):
     """Read a parquet / jsonl / json / csv table; a missing file or column raises DataError naming it."""
     import os

@@ -10,14 +10,13 @@ Pass@1 as reported = mean of the human and augmented split accuracies; both are 
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
 import numpy as np
 
 from ..extract import last_boxed
-from .base import DataError, Item, Task, read_table, register
+from .base import DataError, Item, Task, read_table, register, table_rows
 from .choice import STAGES, scores_by
 
 INSTRUCTION = "Answer the question using a single word or phrase."
@@ -78,9 +77,7 @@ def _split(value, where: str) -> str:
 def load(path: str, limit: Optional[int] = None) -> list[Item]:
     df = read_table(path, ["image", "query", "label", "human_or_machine"])
     items = []
-    for row in range(len(df) if limit is None else min(limit, len(df))):
-        rec = df.iloc[row]
-        where = f"{os.path.basename(path)} row {row}"
+    for row, rec, where in table_rows(df, path, limit):
         label = rec["label"]
         labels = [label] if isinstance(label, str) else [str(x) for x in label] if hasattr(label, "__len__") else []
         if not labels or not all(str(x).strip() for x in labels):

@@ -21,7 +21,6 @@ full response, and answers \\boxed{1} or \\boxed{0}. A judge reply with no verdi
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
@@ -29,7 +28,7 @@ import pandas as pd
 
 from ..extract import last_boxed
 from ..prompts import load_prompt
-from .base import DataError, Item, Task, read_table, register
+from .base import DataError, Item, Task, read_table, register, table_rows
 from .chartqa import extract  # same answer extraction: last \boxed{}, else a short one-line reply
 from .choice import STAGES, pct_by
 
@@ -43,9 +42,7 @@ _LABELLED = re.compile(r"(?:judg(?:e)?ment|verdict|output|score)\s*[:=]\s*\**\s*
 def load(path: str, limit: Optional[int] = None) -> list[Item]:
     df = read_table(path, ["image", "question", "answer", "grading_instruction"])
     items = []
-    for row in range(len(df) if limit is None else min(limit, len(df))):
-        rec = df.iloc[row]
-        where = f"{os.path.basename(path)} row {row}"
+    for row, rec, where in table_rows(df, path, limit):
         for col in ("question", "answer"):
             if not isinstance(rec[col], str) or not rec[col].strip():
                 raise DataError(f"{where}: column {col!r} must be a non-empty string, got {rec[col]!r}")

@@ -7,11 +7,10 @@ Scoring normalises prediction and ground truth to the option letter; a predictio
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from ..extract import last_boxed
-from .base import DataError, Item, Task, read_table, register
+from .base import DataError, Item, Task, read_table, register, table_rows
 from .choice import parse_options, to_letter
 
 __all__ = ["load", "parse_options", "score", "to_letter"]  # the letter helpers moved to choice.py
@@ -21,9 +20,7 @@ def load(path: str, limit: Optional[int] = None) -> list[Item]:
     df = read_table(path, ["question", "candidates", "answer", "images"])
     id_col = next((c for c in ("id", "question_id", "qid") if c in df.columns), None)
     items = []
-    for row in range(len(df) if limit is None else min(limit, len(df))):
-        rec = df.iloc[row]
-        where = f"{os.path.basename(path)} row {row}"
+    for row, rec, where in table_rows(df, path, limit):
         cand = rec["candidates"]
         if not isinstance(cand, str):
             raise DataError(f"{where}: column 'candidates' must be a string, got {type(cand).__name__}")

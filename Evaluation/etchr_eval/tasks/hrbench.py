@@ -19,7 +19,7 @@ from typing import Optional
 
 import pandas as pd
 
-from .base import DataError, Item, Task, read_table, register
+from .base import DataError, Item, Task, read_table, register, table_rows
 from .choice import STAGES, extract_choice, letter_score, mc_question, scores_by
 
 COLUMNS = ["index", "question", "answer", "category", "A", "B", "C", "D", "cycle_category", "image"]
@@ -58,9 +58,7 @@ def make_loader(name: str):
         df = _read(path)
         by_index = {str(i): c for i, c in zip(df["index"], df["image"]) if isinstance(c, str)}
         items = []
-        for row in range(len(df) if limit is None else min(limit, len(df))):
-            rec = df.iloc[row]
-            where = f"{os.path.basename(path)} row {row}"
+        for row, rec, where in table_rows(df, path, limit):
             options = {k: str(rec[k]).strip() for k in "ABCD" if not pd.isna(rec[k]) and str(rec[k]).strip()}
             gt = str(rec["answer"]).strip().upper()
             if gt not in options:

@@ -14,12 +14,11 @@ Data file (written by scripts/build_benchmark.py; see scripts/procedural/jigsaw.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
 from ..extract import last_boxed
-from .base import DataError, Item, Task, read_table, register
+from .base import DataError, Item, Task, read_table, register, table_rows
 
 _SEP = re.compile(r"(?:->|=>|\\to|\\rightarrow|[,\s>→⇒;|-])+")
 _RUN = re.compile(r"\d+(?:\s*(?:->|=>|[-,>→⇒;]|\s)\s*\d+)+")
@@ -71,9 +70,7 @@ def load(path: str, limit: Optional[int] = None) -> list[Item]:
     if image_col is None:
         raise DataError(f"{path}: missing column(s) image; found {', '.join(map(str, df.columns))}")
     items = []
-    for row in range(len(df) if limit is None else min(limit, len(df))):
-        rec = df.iloc[row]
-        where = f"{os.path.basename(path)} row {row}"
+    for row, rec, where in table_rows(df, path, limit):
         gt = normalise(str(rec["answer"]))
         labels = gt.split("-") if gt else []
         if sorted(labels) != [str(i) for i in range(len(labels))] or len(labels) not in LAYOUT_OF_N:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 from collections import deque
 from typing import Any, Optional
@@ -29,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..extract import last_boxed
-from .base import DataError, Item, Task, read_table, register
+from .base import DataError, Item, Task, read_table, register, table_rows
 
 STEP = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
 _WORDS = {"u": "U", "up": "U", "d": "D", "down": "D", "l": "L", "left": "L", "r": "R", "right": "R"}
@@ -188,9 +187,7 @@ def _load(path: str, limit: Optional[int], *, kind: str) -> list[Item]:
         raise DataError(f"{path}: missing column(s) image; found {', '.join(map(str, df.columns))}")
     alphabet, blocked = (".#SG", "#") if kind == "maze" else ("SFHG", "H")
     items = []
-    for row in range(len(df) if limit is None else min(limit, len(df))):
-        rec = df.iloc[row]
-        where = f"{os.path.basename(path)} row {row}"
+    for row, rec, where in table_rows(df, path, limit):
         rows = parse_map(rec["maze_map"], where, alphabet)
         best = shortest_len(rows, blocked)
         if best is None:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .base import DataError, Item, Task, read_table, register
+from .base import DataError, Item, Task, read_table, register, table_rows
 from .choice import LETTERS, STAGES, extract_choice, letter_score, mc_question, options_from_list, pct_by
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -46,9 +46,7 @@ def _answer_index(value, n: int, where: str) -> int:
 def _load_parquet(path: str, limit: Optional[int]) -> list[Item]:
     df = read_table(path, ["image", "category", "question", "choices", "answer"])
     items = []
-    for row in range(len(df) if limit is None else min(limit, len(df))):
-        rec = df.iloc[row]
-        where = f"{os.path.basename(path)} row {row}"
+    for row, rec, where in table_rows(df, path, limit):
         choices = rec["choices"]
         if isinstance(choices, str) or not hasattr(choices, "__len__") or len(choices) < 2:
             raise DataError(f"{where}: column 'choices' must be a list of at least 2 options, got {choices!r}")
