@@ -28,8 +28,17 @@ from etchr_eval.editor import Editor  # noqa: E402
 from etchr_eval.loop import LoopSettings, run_task  # noqa: E402
 from etchr_eval.prompts import prompt_versions  # noqa: E402
 from etchr_eval.report import summarize_task, write_html, write_summary  # noqa: E402
-from etchr_eval.results import ResultStore, merge_rows, read_rows  # noqa: E402
+from etchr_eval.fingerprint import (FINGERPRINT_FILE, FingerprintMismatch, check_run_dir, namespace_dir,  # noqa: E402
+                                    row_hash, run_fingerprint)
+from etchr_eval.fingerprint import merged as merged_fingerprint  # noqa: E402
+from etchr_eval.prompts import load_prompt  # noqa: E402
+from etchr_eval.results import ResultStore, consolidate, read_rows, result_files  # noqa: E402
+from etchr_eval.runtime import RunDirLock, RunDirLocked, atomic_write_json  # noqa: E402
 from etchr_eval.tasks import DataError, get_task  # noqa: E402
+
+# Errors that stop a run at start with one line naming the key, file, endpoint or model (exit 2).
+START_ERRORS = (ConfigError, DataError, EndpointError, FileNotFoundError, KeyError, FingerprintMismatch,
+                RunDirLocked)
 
 log = runtime.get_logger("etchr_eval")
 
@@ -57,20 +66,45 @@ def gather(obj):
     return out
 
 
-def run(cfg) -> dict:
-    """Evaluate every task of `cfg`; returns the per-task summary (on every rank)."""
+class RunFailed(RuntimeError):
+    """The run finished but produced nothing trustworthy for a task (e.g. every request failed)."""
+
+
+def check_failures(summary: dict, rows_by_task: dict, max_failed_fraction) -> None:
+    """Raise RunFailed naming each task whose failures pass the threshold, with the first reason."""
+    bad = []
+    for name, s in summary.items():
+        items, failed = s["items"], s["failed"]
+        if not items:
+            continue
+        over = failed == items if max_failed_fraction is None else failed / items > max_failed_fraction
+        if over:
+            first = next((r for r in rows_by_task.get(name, []) if r.get("status") != "ok"), {})
+            reason = "; ".join(f"{k}: {v}" for k, v in (first.get("errors") or {}).items())[:300]
+            bad.append(f"{name}: {failed} of {items} items failed (first: {first.get('id')}: {reason or 'unknown'})")
+    if bad:
+        limit = "every item" if max_failed_fraction is None else f"more than {max_failed_fraction:.0%} of the items"
+        raise RunFailed(f"{limit} of a task failed, so its numbers mean nothing:\n  " + "\n  ".join(bad))
+
+
+def run(cfg, on_row=None) -> dict:
+    """Evaluate every task of `cfg`; returns the per-task summary (on every rank).
+
+    `on_row(row)` is called in the writing process right after each row is appended to the results."""
     init_distributed()
+    if runtime.world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        runtime.die_with_parent()  # a killed torchrun must not leave workers racing the rerun
     rank, world = runtime.rank(), runtime.world_size()
     run_dir = Path(cfg.run_dir)
     if not cfg.tasks:
         raise ConfigError("no tasks configured: add tasks.<name>.path=<data file> (registered tasks: "
                           f"{', '.join(sorted(__import__('etchr_eval.tasks', fromlist=['TASKS']).TASKS))})")
-    # ---------------------------------------------------------------- build
-    if runtime.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir)
+    # ---------------------------------------------------------------- build (checks before any write)
     tasks = {name: get_task(name) for name in cfg.tasks}  # unknown task -> error listing the valid ones
     data = {name: tasks[name].load(tc.path, tc.limit) for name, tc in cfg.tasks.items()}
+    for name, items in data.items():
+        if not items:
+            raise DataError(f"{cfg.tasks[name].path}: no items for task {name} (an empty benchmark file?)")
     client = MLLMClient(list(cfg.mllm.endpoints), cfg.mllm.model, api_key_env=cfg.mllm.api_key_env,
                         concurrency=cfg.mllm.concurrency, timeout_s=cfg.mllm.timeout_s,
                         max_retries=cfg.mllm.max_retries, backoff_s=cfg.mllm.backoff_s)
@@ -79,11 +113,31 @@ def run(cfg) -> dict:
         judge = MLLMClient(list(cfg.judge.endpoints), cfg.judge.model, api_key_env=cfg.judge.api_key_env,
                            concurrency=cfg.judge.concurrency, timeout_s=cfg.judge.timeout_s,
                            max_retries=cfg.judge.max_retries, backoff_s=cfg.judge.backoff_s)
-    for c in (client, judge):  # an unreachable server stops the run before any edit
+    for c in (client, judge):  # a wrong model name or an unreachable server stops the run before any edit
         if c is not None:
             asyncio.run(c.check_reachable())
-    editor = Editor(cfg.editor, cfg.edit_cache_dir or run_dir / "edit_cache")
-    store = ResultStore(run_dir, "results.jsonl" if world == 1 else f"results.rank{rank}.jsonl")
+    cache_dir = cfg.edit_cache_dir or run_dir / "edit_cache"
+    editor = Editor(cfg.editor, cache_dir)  # a LoRA that does not fit the transformer stops here
+    fp = run_fingerprint(cfg, editor.fingerprint_fields(), tasks, getattr(client, "served", None), load_prompt)
+    out_dir = namespace_dir(run_dir, cfg.namespace, fp)
+
+    # ---------------------------------------------------------------- claim the run dir (rank 0)
+    lock = None
+    problem = None
+    if runtime.is_main():
+        try:
+            lock = RunDirLock(out_dir).acquire()  # a second live evaluator stops here, naming the holder
+            stored = check_run_dir(out_dir, fp, [r for f in result_files(out_dir) for r in read_rows(f)])
+            atomic_write_json(out_dir / FINGERPRINT_FILE, fp if stored is None else merged_fingerprint(stored, fp))
+            save_config(cfg, out_dir)
+        except (RunDirLocked, FingerprintMismatch) as exc:
+            problem = exc
+    problems = gather(None if problem is None else f"{type(problem).__name__}: {problem}")
+    if problem is not None:
+        raise problem
+    if problems[0] is not None:  # other ranks stop with rank 0
+        raise FingerprintMismatch(problems[0])
+    store = ResultStore(out_dir, "results.jsonl" if world == 1 else f"results.rank{rank}.jsonl")
     runtime.barrier()  # every rank has read the finished items before any file is rewritten
     if cfg.retry_failed:
         store.drop_failures()
@@ -91,10 +145,11 @@ def run(cfg) -> dict:
                             reason_max_tokens=cfg.mllm.reason_max_tokens, temperature=cfg.mllm.temperature,
                             image_format=cfg.mllm.image_format, jpeg_quality=cfg.mllm.jpeg_quality,
                             base_seed=cfg.editor.seed, per_item_seed=cfg.editor.per_item_seed,
-                            max_inflight=max(16, 4 * cfg.mllm.concurrency), run_dir=str(run_dir))
+                            max_inflight=max(16, 4 * cfg.mllm.concurrency), run_dir=str(out_dir),
+                            run_hashes={name: row_hash(fp, name) for name in tasks}, on_row=on_row)
     runtime.print0(f"evaluating {', '.join(f'{n} ({len(v)} items)' for n, v in data.items())} on {world} "
                    f"rank(s); editor {cfg.editor.pipe_path} [{editor.fingerprint}]; MLLM {cfg.mllm.model} at "
-                   f"{', '.join(cfg.mllm.endpoints)}")
+                   f"{', '.join(cfg.mllm.endpoints)}; results in {out_dir}")
 
     # ---------------------------------------------------------------- loop
     stats = {}
@@ -110,19 +165,19 @@ def run(cfg) -> dict:
             if judge is not None:
                 await judge.aclose()
 
-    asyncio.run(all_tasks())
-    store.close()
+    try:
+        asyncio.run(all_tasks())
+    finally:
+        store.close()
 
-    # ---------------------------------------------------------------- save (rank 0 merges the shards)
+    # ---------------------------------------------------------------- save (rank 0 folds every results file)
     all_stats = gather({n: vars(s) for n, s in stats.items()})
     runtime.barrier()
     summary: dict = {}
+    failure = None
     if runtime.is_main():
-        merged = merge_rows(r for f in store.all_files() for r in read_rows(f))
-        if world > 1:
-            ordered = [merged[k] for k in sorted(merged)]
-            runtime.atomic_write_text(run_dir / "results.jsonl",
-                                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+        order = [f"{name}/{it.id}" for name, items in data.items() for it in items]
+        merged = {f"{r['task']}/{r['id']}": r for r in consolidate(out_dir, order)}
         rows_by_task = {}
         for name, items in data.items():
             rows = [merged[f"{name}/{it.id}"] for it in items if f"{name}/{it.id}" in merged]
@@ -138,22 +193,44 @@ def run(cfg) -> dict:
             summary[name] = s
         meta = {"mllm_model": cfg.mllm.model, "pipe_path": cfg.editor.pipe_path, "lora_path": cfg.editor.lora_path,
                 "checkpoint_fingerprint": editor.fingerprint, "world_size": world,
+                "run_fingerprint": fp, "run_hashes": settings.run_hashes, "namespace": cfg.namespace,
                 "prompt_files": sorted({p for t in tasks.values() for p in (t.edit_prefix, t.verify_prompt,
                                                                              t.reason_one, t.reason_two)}),
                 "prompt_sha256": prompt_versions(), "git_sha": runtime.git_sha(), "config": to_container(cfg),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        paths = write_summary(run_dir, summary, meta)
+        paths = write_summary(out_dir, summary, meta)
         from etchr_eval.paper import append_results_table
 
         append_results_table(paths, summary, cfg.mllm.model)  # the paper's 11-column layout (Benchmarks issue)
         if cfg.report_html:
             originals = {f"{n}/{it.id}": it.image for n, items in data.items() for it in items}
-            write_html(run_dir, rows_by_task, summary, originals, meta)
-        print((run_dir / "summary.md").read_text(), flush=True)
-        runtime.print0(f"wrote {paths['md']}, {paths['json']}" + (f", {run_dir / 'report.html'}" if cfg.report_html
+            write_html(out_dir, rows_by_task, summary, originals, meta)
+        if cfg.wandb:
+            log_to_wandb(cfg, out_dir, summary)
+        print((out_dir / "summary.md").read_text(), flush=True)
+        runtime.print0(f"wrote {paths['md']}, {paths['json']}" + (f", {out_dir / 'report.html'}" if cfg.report_html
                                                                   else ""))
+        try:
+            check_failures(summary, rows_by_task, cfg.max_failed_fraction)
+        except RunFailed as exc:
+            failure = str(exc)
+    failures = gather(failure)
     runtime.barrier()
+    if lock is not None:
+        lock.release()
+    if failures[0] is not None:
+        raise RunFailed(failures[0])
     return summary
+
+
+def log_to_wandb(cfg, out_dir: Path, summary: dict) -> None:
+    """Mirror the per-task numbers to wandb (metrics.jsonl gets the same row)."""
+    flat = {f"{task}/{k}": v for task, s in summary.items() for k, v in s.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with runtime.MetricsWriter(out_dir, wandb_enabled=True, wandb_project=cfg.wandb_project,
+                               wandb_run_name=f"{cfg.mllm.model} | {Path(cfg.editor.pipe_path).name}",
+                               config=to_container(cfg)) as writer:
+        writer.log(flat, step=0)
 
 
 def main(argv=None) -> int:
@@ -161,7 +238,10 @@ def main(argv=None) -> int:
         config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
         cfg = load_eval_config(config_path, overrides)
         run(cfg)
-    except (ConfigError, DataError, EndpointError, FileNotFoundError, KeyError) as exc:
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except START_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

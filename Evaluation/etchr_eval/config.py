@@ -84,6 +84,10 @@ class EvalConfig:
     baseline: bool = True  # also score the no-edit baseline in the same run
     edit_cache_dir: Optional[str] = None  # None = <run_dir>/edit_cache; share it across runs
     retry_failed: bool = True  # a rerun retries items whose record is a failure
+    # A run_dir belongs to one run (MLLM, editor, prompts, settings: etchr_eval/fingerprint.py). A rerun
+    # with other settings stops naming them; namespace=auto (or a name) writes into <run_dir>/ns/<name>.
+    namespace: Optional[str] = None
+    max_failed_fraction: Optional[float] = None  # exit 3 when a task's failed/items exceeds it; None = only when all failed
     report_html: bool = True  # write report.html with thumbnails
     wandb: bool = False  # mirror metrics to wandb
     wandb_project: str = "etchr-eval"
@@ -197,6 +201,9 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ConfigError(f"{section}.image_format={m.image_format!r}: use png or jpeg")
         if m.concurrency < 1 or m.max_retries < 0 or m.timeout_s <= 0:
             raise ConfigError(f"{section}: concurrency >= 1, max_retries >= 0 and timeout_s > 0 are required")
+    if cfg.max_failed_fraction is not None and not 0.0 <= cfg.max_failed_fraction < 1.0:
+        raise ConfigError(f"max_failed_fraction={cfg.max_failed_fraction}: use a fraction in [0, 1) or null "
+                          "(null: fail only when every item of a task failed)")
     for name, task in cfg.tasks.items():
         if task.limit is not None and task.limit < 1:
             raise ConfigError(f"tasks.{name}.limit={task.limit}: must be >= 1 or null")

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from .config import ConfigError
 from .runtime import atomic_write_bytes, get_logger, local_rank
 
 log = get_logger("etchr_eval.editor")
@@ -77,7 +78,7 @@ def read_lora(path: str | os.PathLike, alpha: Optional[float] = None) -> tuple[d
     """
     from safetensors import safe_open
 
-    path = Path(path)
+    path = resolve_lora_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
     with safe_open(str(path), framework="pt") as f:
@@ -126,6 +127,69 @@ def fuse_lora(transformer, state: dict, alpha: float, rank: int, scale: float = 
     return len(pairs)
 
 
+def resolve_lora_path(path: str | os.PathLike) -> Path:
+    """A LoRA file, or a checkpoint dir holding `pytorch_lora_weights.safetensors` (CHECKPOINTS.md), as
+    SFT/RL merge_lora.py accept."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "pytorch_lora_weights.safetensors"
+        if not inside.is_file():
+            raise FileNotFoundError(f"{path}: a folder without pytorch_lora_weights.safetensors; point "
+                                    "editor.lora_path at a LoRA checkpoint dir or .safetensors file")
+        return inside
+    return path
+
+
+def check_lora_fits(pipe_path: str | os.PathLike, lora_path: str | os.PathLike,
+                    alpha: Optional[float] = None) -> int:
+    """Check a LoRA file against the pipeline's transformer from the safetensors headers alone (no
+    tensor is read, so a 4 GB r768 file costs nothing): every targeted layer exists, B @ A has the
+    layer's shape, and the alpha is recorded. Raises ValueError naming the file and the first layer
+    that does not fit; returns the number of layers."""
+    from safetensors import safe_open
+
+    lora_path = resolve_lora_path(lora_path)
+    if not lora_path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {lora_path}")
+    with safe_open(str(lora_path), framework="pt") as f:
+        shapes = normalise_lora_keys({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    weights: dict[str, tuple] = {}
+    tdir = Path(pipe_path) / "transformer"
+    files = sorted(tdir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{tdir}: no .safetensors weights to check the LoRA against")
+    for wf in files:
+        with safe_open(str(wf), framework="pt") as f:
+            weights.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    pairs: dict[str, dict[str, tuple]] = {}
+    for key, shape in shapes.items():
+        m = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise ConfigError(f"{lora_path}: unexpected LoRA key {key!r} (want transformer.<module>.lora_A/B.weight)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = shape
+    for name, ab in sorted(pairs.items()):
+        w = weights.get(f"{name}.weight")
+        if w is None:
+            raise ConfigError(f"{lora_path}: LoRA targets {name!r}, which is not a layer of the transformer in "
+                             f"{tdir} (wrong base model?)")
+        if set(ab) != {"A", "B"}:
+            raise ConfigError(f"{lora_path}: LoRA layer {name!r} lacks lora_{'A' if 'A' not in ab else 'B'}")
+        if len(ab["A"]) != 2 or len(ab["B"]) != 2 or ab["A"][0] != ab["B"][1] or (ab["B"][0], ab["A"][1]) != tuple(w):
+            raise ConfigError(f"{lora_path}: LoRA {name}: B {ab['B']} @ A {ab['A']} does not fit the weight {tuple(w)} "
+                             f"of {tdir} (a LoRA trained on another model shape?)")
+    if not pairs:
+        raise ConfigError(f"{lora_path}: no LoRA layers in the file")
+    read_alpha = alpha
+    if read_alpha is None:
+        with safe_open(str(lora_path), framework="pt") as f:
+            md = f.metadata() or {}
+        meta_json = lora_path.parent / "meta.json"
+        if "lora_adapter_metadata" not in md and not meta_json.is_file():
+            raise ConfigError(f"{lora_path}: LoRA alpha is not recorded (no lora_adapter_metadata in the file header, "
+                             f"no {meta_json}); pass editor.lora_alpha explicitly")
+    return len(pairs)
+
+
 def checkpoint_fingerprint(pipe_path: str | os.PathLike, lora_path: Optional[str] = None,
                            lora_scale: float = 1.0, lora_alpha: Optional[float] = None) -> str:
     """A short hash naming the editor's weights, for the edit cache.
@@ -153,7 +217,7 @@ def checkpoint_fingerprint(pipe_path: str | os.PathLike, lora_path: Optional[str
                     f.seek(-(1 << 20), os.SEEK_END)
                     h.update(f.read())
     if lora_path:
-        with open(lora_path, "rb") as f:
+        with open(resolve_lora_path(lora_path), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
         h.update(f"scale={lora_scale},alpha={lora_alpha}".encode())
@@ -172,8 +236,7 @@ def image_digest(image: Image.Image) -> str:
 # ----------------------------------------------------------------------------------------------
 class EditCache:
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)  # created by the first put(): a run stopped at start leaves nothing behind
 
     @staticmethod
     def key(**fields: Any) -> str:
@@ -339,12 +402,16 @@ class Editor:
             self.device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
         else:
             self.device = cfg.device
-        dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.startswith("cuda") else "fp32")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+        self.dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.startswith("cuda") else "fp32")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype_name]
+        self.device_type = torch.device(self.device).type  # cuda / cpu / mps: kernels differ, so edits do
         self.cache = EditCache(cache_dir)
         self.fingerprint = checkpoint_fingerprint(cfg.pipe_path, cfg.lora_path, cfg.lora_scale,
                                                   getattr(cfg, "lora_alpha", None))
+        if cfg.lora_path:  # a LoRA that does not fit stops the run here, once, not at every item
+            check_lora_fits(cfg.pipe_path, cfg.lora_path, getattr(cfg, "lora_alpha", None))
         self._pipe = None
+        self._load_error: Optional[BaseException] = None
         self._negative = None  # the negative prompt's (embeds, text ids), for cfg_batch
         self._load = lambda: Flux2KleinPipeline.from_pretrained(cfg.pipe_path, dtype=self.dtype)
         self.stats = {"edits": 0, "cache_hits": 0, "edit_seconds": 0.0}
@@ -352,28 +419,46 @@ class Editor:
     @property
     def pipe(self):
         """Loaded on first use: a rerun whose edits are all cached never loads the model."""
+        if self._load_error is not None:  # failed once: never reload the pipeline for every item
+            raise RuntimeError(f"the editor failed to load: {self._load_error}") from self._load_error
         if self._pipe is None:
-            t0 = time.time()
-            pipe = self._load()
-            if self.cfg.lora_path:
-                state, alpha, rank = read_lora(self.cfg.lora_path, getattr(self.cfg, "lora_alpha", None))
-                n = fuse_lora(pipe.transformer, state, alpha, rank, self.cfg.lora_scale)
-                log.info("fused LoRA %s into %d layers (alpha %g, rank %d, scale %g)", self.cfg.lora_path, n,
-                         alpha, rank, self.cfg.lora_scale)
-            pipe.to(self.device)
-            pipe.set_progress_bar_config(disable=True)
-            apply_speed_options(pipe, self.cfg)
-            self._pipe = pipe
-            log.info("editor %s loaded on %s (%s) in %.1f s", self.cfg.pipe_path, self.device, self.dtype,
-                     time.time() - t0)
+            try:
+                self._pipe = self._load_pipe()
+            except Exception as exc:
+                self._load_error = exc
+                raise
         return self._pipe
+
+    def _load_pipe(self):
+        t0 = time.time()
+        pipe = self._load()
+        if self.cfg.lora_path:
+            state, alpha, rank = read_lora(self.cfg.lora_path, getattr(self.cfg, "lora_alpha", None))
+            n = fuse_lora(pipe.transformer, state, alpha, rank, self.cfg.lora_scale)
+            log.info("fused LoRA %s into %d layers (alpha %g, rank %d, scale %g)", self.cfg.lora_path, n,
+                     alpha, rank, self.cfg.lora_scale)
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        apply_speed_options(pipe, self.cfg)
+        log.info("editor %s loaded on %s (%s) in %.1f s", self.cfg.pipe_path, self.device, self.dtype,
+                 time.time() - t0)
+        return pipe
+
+    def fingerprint_fields(self) -> dict:
+        """Every editor setting that changes an edit (the run fingerprint's editor part)."""
+        c = self.cfg
+        return {"checkpoint": self.fingerprint, "lora_scale": c.lora_scale, "steps": c.steps, "guidance": c.guidance, "seed": c.seed,
+                "per_item_seed": c.per_item_seed, "size_mode": c.size_mode, "max_area": c.max_area,
+                "multiple_of": c.multiple_of, "max_sequence_length": c.max_sequence_length,
+                "dtype": self.dtype_name, "device_type": self.device_type, **speed_fields(c)}
 
     def cache_fields(self, image: Image.Image, prompt: str, seed: int) -> dict:
         w, h = output_size(*image.size, max_area=self.cfg.max_area, multiple_of=self.cfg.multiple_of,
                            mode=self.cfg.size_mode)
         return {"checkpoint": self.fingerprint, "image": image_digest(image), "prompt": prompt, "seed": seed,
                 "steps": self.cfg.steps, "guidance": self.cfg.guidance, "width": w, "height": h,
-                "max_sequence_length": self.cfg.max_sequence_length, **speed_fields(self.cfg)}
+                "max_sequence_length": self.cfg.max_sequence_length, "dtype": self.dtype_name,
+                "device_type": self.device_type, **speed_fields(self.cfg)}
 
     def edit(self, image: Image.Image, prompt: str, seed: int) -> tuple[Image.Image, Path, float, bool]:
         import torch

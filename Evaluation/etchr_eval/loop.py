@@ -39,6 +39,8 @@ class LoopSettings:
     per_item_seed: bool = True
     max_inflight: int = 128  # items edited but still waiting for MLLM answers
     run_dir: str = "."
+    run_hashes: dict = field(default_factory=dict)  # task -> run fingerprint hash, stamped on every row
+    on_row: Optional[Any] = None  # called with each row right after it is appended to the results file
 
 
 @dataclass
@@ -107,13 +109,15 @@ async def run_task(task: Task, items: list[Item], editor: Editor, client: MLLMCl
                "reason_two": task.reason_two}
 
     def base_row(item: Item) -> dict:
-        return {"task": task.name, "id": item.id, "question": item.question, "gt": item.answer,
-                "prompts": prompts, "rank": rank()}
+        return {"task": task.name, "id": item.id, "run": s.run_hashes.get(task.name), "question": item.question,
+                "gt": item.answer, "prompts": prompts, "rank": rank()}
 
     def finish(row: dict) -> None:
         row["time"] = time.time()
         row.setdefault("status", "ok" if not row.get("errors") else "failed")
         store.append(row)
+        if s.on_row is not None:
+            s.on_row(row)
         stats.processed += 1
         stats.failed += row["status"] != "ok"
         bar.update(1)

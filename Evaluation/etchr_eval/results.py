@@ -4,6 +4,9 @@
 - On open, a torn last line (killed mid-write) is cut off, so the file is again whole lines.
 - A rerun first rewrites the file (temp file + rename) without the failure rows it will retry, so
   the file never holds two rows for one item.
+- Sharded runs (torchrun) append to results.rank<R>.jsonl; at the end rank 0 folds every file of the
+  run dir into results.jsonl (one row per item, in item order) and removes the rank files, whatever
+  sequence of world sizes the reruns had (2 ranks killed, then 1 process; 1 then 4).
 """
 
 from __future__ import annotations
@@ -59,6 +62,35 @@ def merge_rows(rows: Iterable[dict]) -> dict[str, dict]:
     return out
 
 
+def result_files(run_dir: str | os.PathLike) -> list[Path]:
+    """results.jsonl and the per-rank files of sharded runs: any of them may hold finished items."""
+    return sorted(Path(p) for p in glob.glob(str(Path(run_dir) / "results*.jsonl")))
+
+
+def rank_files(run_dir: str | os.PathLike) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(Path(run_dir) / "results.rank*.jsonl")))
+
+
+def consolidate(run_dir: str | os.PathLike, order: list[str]) -> list[dict]:
+    """Fold results.jsonl and every results.rank*.jsonl into results.jsonl: exactly one row per item
+    (a success beats a failure, then the newer row), the items of `order` ("task/id") first in that
+    order, then any other items the files hold (kept, never dropped), sorted. The merged file is
+    written atomically before the rank files are removed, so a kill at any point loses nothing.
+    Returns the rows written."""
+    run_dir = Path(run_dir)
+    files = [run_dir / "results.jsonl", *rank_files(run_dir)]
+    merged = merge_rows(r for f in files for r in read_rows(f))
+    rows = [merged.pop(k) for k in order if k in merged]
+    rows += [merged[k] for k in sorted(merged)]
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+    target = run_dir / "results.jsonl"
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        atomic_write_text(target, text)
+    for f in files[1:]:
+        f.unlink(missing_ok=True)
+    return rows
+
+
 class ResultStore:
     """The results file this process appends to, plus a read-only view of its run's other files."""
 
@@ -71,8 +103,7 @@ class ResultStore:
         self._fd: Optional[int] = None
 
     def all_files(self) -> list[Path]:
-        """results.jsonl and the per-rank files of sharded runs: any of them may hold finished items."""
-        return sorted(Path(p) for p in glob.glob(str(self.run_dir / "results*.jsonl")))
+        return result_files(self.run_dir)
 
     def _repair_tail(self) -> None:
         if not self.path.is_file():

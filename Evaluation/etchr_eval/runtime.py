@@ -106,6 +106,76 @@ def git_sha(default: str = "unknown") -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# One live writer per run dir, and workers that die with their launcher.
+# ----------------------------------------------------------------------------------------------
+class RunDirLocked(RuntimeError):
+    """Another live process holds the run dir; the message names its pid and host."""
+
+
+class RunDirLock:
+    """An advisory lock on `<run_dir>/.lock` (fcntl.flock), held for the life of the process.
+
+    The kernel releases it when the holder dies (kill -9 included), so a stale lock never blocks a
+    rerun. The holder's pid, host and start time are written into the file for the error message.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunDirLock":
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown holder"
+            os.close(fd)
+            raise RunDirLocked(f"{self.path.parent}: another evaluation or training is writing here ({holder}); "
+                               "wait for it, stop it, or use another run_dir / namespace") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG).
+
+    torchrun starts its workers in their own process groups, so killing the launcher's group would
+    leave them running (and racing a rerun). Called at start-up by launched workers; returns False
+    where the call does not exist.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
 # Metrics: metrics.jsonl always (rank 0), wandb when enabled (WANDB_MODE=offline in tests).
 # ----------------------------------------------------------------------------------------------
 class MetricsWriter:
