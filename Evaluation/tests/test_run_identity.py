@@ -240,3 +240,14 @@ def test_run_dir_lock_is_released_by_the_kernel_when_the_holder_dies(tmp_path):
         except RunDirLocked:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_wandb_true_mirrors_the_summary(tiny_models, dl3dv_parquet, tmp_path, double_server):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline")
+    ev.ok(ev.run_eval(ev.base_args(tiny_models, run_dir, dl3dv_parquet, double_server.base_url, "double",
+                                   ["report_html=false", "wandb=true", "tasks.dl3dv.limit=2"]), env=env))
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no wandb run was written"
+    (row,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())["tasks"]["dl3dv"]
+    assert row["dl3dv/items"] == 2 and row["dl3dv/etchr_pass1"] == summary["etchr_pass1"]
