@@ -14,6 +14,8 @@ Judge rewards (PROTOCOL.md section 2; prompts are the protocol files in etchr_rl
                [edited] for every family with reward.correctness_images=edited_only (the reference).
 Exact rule-based rewards for the procedural families (no network):
   maze_path       the blue cells drawn in the edit form a valid path (see maze_path_check).
+  maze_path_iou   IoU of the blue cells with the cells of the unique shortest path (1.0 iff exactly that
+                  path is drawn; a dense signal for GRPO groups where no edit is fully right).
   jigsaw_restore  PSNR of the edit against the target image >= reward.jigsaw_psnr_db (default 20 dB).
 
 The trainer calls `check_routable` on the whole dataset before step 0, `compute_rewards` per step, and
@@ -367,6 +369,54 @@ def maze_path_check(edited: Image.Image, meta: dict, where: str = "row") -> dict
             "blue_on_wall": blue_on_wall, "connected": connected, "stray_blue": stray}
 
 
+def shortest_path_cells(walls: np.ndarray, start: tuple[int, int], goal: tuple[int, int]) -> Optional[set]:
+    """Cells strictly between start and goal on the shortest 4-neighbour path, or None when the goal is
+    unreachable or more than one shortest path exists (then no single path is "the" answer).
+
+    walls: (N, M) bool. BFS from start counting shortest paths (capped at 2), then a walk back from the goal.
+    """
+    n, m = walls.shape
+    dist = np.full((n, m), -1, dtype=np.int64)
+    count = np.zeros((n, m), dtype=np.int64)
+    dist[start], count[start] = 0, 1
+    queue = [start]
+    for r, c in queue:  # the list grows while it is read: a FIFO queue
+        for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            rr, cc = r + dr, c + dc
+            if not (0 <= rr < n and 0 <= cc < m) or walls[rr, cc]:
+                continue
+            if dist[rr, cc] < 0:
+                dist[rr, cc] = dist[r, c] + 1
+                queue.append((rr, cc))
+            if dist[rr, cc] == dist[r, c] + 1:
+                count[rr, cc] = min(2, count[rr, cc] + count[r, c])
+    if dist[goal] < 0 or count[goal] != 1:
+        return None
+    cells, (r, c) = set(), goal
+    while dist[r, c] > 1:
+        r, c = next((r + dr, c + dc) for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1))
+                    if 0 <= r + dr < n and 0 <= c + dc < m and dist[r + dr, c + dc] == dist[r, c] - 1)
+        cells.add((r, c))
+    return cells
+
+
+def maze_path_iou(edited: Image.Image, meta: dict, where: str = "row") -> Optional[float]:
+    """|blue & path| / |blue | path| over the cells other than start and goal, where path = the unique
+    shortest path's cells (shortest_path_cells) and blue = the cells whose centre is path-blue (cell_colours,
+    is_blue). 1.0 iff exactly the path is blue; None when the maze has no unique shortest path."""
+    walls, start, goal = maze_grid(meta, where)
+    path = shortest_path_cells(walls, start, goal)
+    if path is None:
+        return None
+    blue = is_blue(cell_colours(edited, walls.shape))
+    blue[start] = blue[goal] = False  # they keep green / red; never part of the comparison
+    truth = np.zeros_like(blue)
+    for cell in path:
+        truth[cell] = True
+    union = int((blue | truth).sum())
+    return 1.0 if union == 0 else int((blue & truth).sum()) / union
+
+
 class MazePathReward:
     """1.0 iff the edit draws a valid blue path (maze_path_check); None for rows of other families."""
 
@@ -390,6 +440,22 @@ class MazePathReward:
         rewards, blue = await asyncio.to_thread(run)
         ctx.extras[f"{self.name}/blue_cells"] = blue
         return rewards
+
+
+class MazePathIoUReward:
+    """maze_path_iou of the edit (None for rows of other families, or mazes without a unique shortest path)."""
+
+    name = "maze_path_iou"
+    needs_judge = False
+
+    async def score(self, inputs: Sequence[RewardInput], ctx: RewardContext) -> list[Optional[float]]:
+        def run() -> list[Optional[float]]:
+            return [maze_path_iou(x.edited, x.meta, where=f"batch row {i} ({x.instruction[:60]!r})")
+                    if family_of(x.instruction) == "maze" else None for i, x in enumerate(inputs)]
+
+        values = await asyncio.to_thread(run)
+        ctx.extras[f"{self.name}/exact"] = [None if v is None else v == 1.0 for v in values]
+        return values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +526,7 @@ class JigsawRestoreReward:
 # Registry and the trainer's entry points
 # ----------------------------------------------------------------------------------------------
 REWARDS: dict[str, Any] = {r.name: r for r in (GuidanceReward(), CorrectnessReward(), MazePathReward(),
-                                               JigsawRestoreReward())}
+                                               MazePathIoUReward(), JigsawRestoreReward())}
 
 
 def register_reward(reward: Any) -> None:
@@ -553,5 +619,6 @@ def check_failures(rewards: Rewards, max_failure_rate: float, judge: Optional[Ju
 
 __all__ = ["RewardInput", "RewardConfigError", "RewardFailure", "TASK_ROUTES", "FAMILIES", "family_of",
            "check_routable", "compute_rewards", "compute_rewards_sync", "failure_rate", "check_failures",
-           "get_reward", "register_reward", "REWARDS", "maze_path_check", "jigsaw_psnr", "psnr",
+           "get_reward", "register_reward", "REWARDS", "maze_path_check", "maze_path_iou", "shortest_path_cells",
+           "jigsaw_psnr", "psnr",
            "binary_verdict", "correctness_images"]

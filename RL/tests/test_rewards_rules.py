@@ -1,4 +1,5 @@
-"""Rule-based rewards on hand-built images: maze_path (the drawn blue path) and jigsaw_restore (PSNR)."""
+"""Rule-based rewards on hand-built images: maze_path (the drawn blue path), maze_path_iou (against the
+unique shortest path) and jigsaw_restore (PSNR)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from etchr_rl.rewards import (RewardConfigError, RewardInput, compute_rewards, jigsaw_psnr, maze_grid,
-                              maze_path_check, psnr)
+                              maze_path_check, maze_path_iou, psnr, shortest_path_cells)
 
 MAZE = "Draw the shortest path of the maze in blue. Find the path."
 JIGSAW = "Draw the original image after restoring this jigsaw puzzle task. Restore it."
@@ -120,8 +121,52 @@ def test_maze_meta_errors_name_the_key(meta, needle):
 
 def test_rule_rewards_do_not_apply_to_other_families():
     x = RewardInput(BOX, "q", "a", render([]), render(GOOD), {})
-    out = asyncio.run(compute_rewards([x], ["maze_path", "jigsaw_restore"], None, None))
-    assert out == {"maze_path": [None], "jigsaw_restore": [None]}
+    out = asyncio.run(compute_rewards([x], ["maze_path", "maze_path_iou", "jigsaw_restore"], None, None))
+    assert out == {"maze_path": [None], "maze_path_iou": [None], "jigsaw_restore": [None]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Maze: IoU with the unique shortest path
+# ----------------------------------------------------------------------------------------------
+def iou_reward(edited, meta=META, extras=None):
+    x = RewardInput(MAZE, "q", "R,R,R,D,D,R,D,D", render([]), edited, dict(meta))
+    return asyncio.run(compute_rewards([x], ["maze_path_iou"], None, None, extras=extras))["maze_path_iou"][0]
+
+
+def test_shortest_path_cells_of_the_test_maze():
+    walls, s, g = maze_grid(META)
+    assert shortest_path_cells(walls, s, g) == set(GOOD)
+    # Two equally short ways round an open 3 x 3 square: no unique answer. A walled-off goal: none at all.
+    assert shortest_path_cells(np.zeros((3, 3), bool), (0, 0), (2, 2)) is None
+    assert shortest_path_cells(np.array([[0, 1, 0]], bool), (0, 0), (0, 2)) is None
+    assert shortest_path_cells(np.zeros((1, 2), bool), (0, 0), (0, 1)) == set()  # adjacent: nothing between
+
+
+def test_iou_golden_values():
+    extras = {}
+    assert iou_reward(render(GOOD), extras=extras) == 1.0 and extras["maze_path_iou/exact"] == [True]
+    assert iou_reward(render([])) == 0.0  # the unedited maze draws nothing
+    # 5 of the 7 path cells: 5 / 7. The path plus 2 stray cells (one a wall): 7 / 9.
+    assert iou_reward(render(GOOD[:5])) == pytest.approx(5 / 7)
+    assert iou_reward(render(GOOD + [(4, 0), (1, 1)])) == pytest.approx(7 / 9)
+    # A valid but longer path (down the left, along the bottom, up to G) shares no cell with the shortest
+    # one: maze_path accepts any valid path, this reward asks for THE path, as the held-out metric does.
+    rows = ["S...#", ".##.#", ".##.G", ".###.", "....."]
+    meta = {"maze_map": rows, "start": [0, 0], "goal": [2, 4]}
+    assert shortest_path_cells(*maze_grid(meta)) == {(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)}
+    around = [(1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (4, 2), (4, 3), (4, 4), (3, 4)]
+    assert maze_path_check(render(around, rows=rows), meta)["valid"]
+    assert iou_reward(render(around, rows=rows), meta) == 0.0
+    # Two equally short ways round the walls: no unique answer, no signal (None, not 0).
+    rows = ["S....", ".###.", ".#.#.", ".###.", "....G"]
+    assert iou_reward(render([], rows=rows), {"maze_map": rows}) is None
+
+
+def test_iou_ignores_start_and_goal_colours_and_survives_resizing():
+    img = np.asarray(render(GOOD)).copy()
+    img[:32, :32] = BLUE  # the start cell painted blue: not counted either way
+    assert maze_path_iou(Image.fromarray(img), META) == 1.0
+    assert maze_path_iou(render(GOOD).resize((97, 97), Image.BILINEAR), META) == 1.0
 
 
 # ----------------------------------------------------------------------------------------------
