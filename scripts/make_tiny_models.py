@@ -20,7 +20,9 @@ about a minute, mostly disk writes), so the real entry points can load it like t
 checkpoint (multi-GPU benchmarks). The Qwen3-VL stays configs only.
 
 The same seed gives byte-identical files (tested). The models are random: their edits are noise and
-their answers are gibberish. Nothing is downloaded.
+their answers are gibberish. Nothing is downloaded. The tiny VAE's BatchNorm statistics (the latent
+normalisation) are measured on generated images, so normalised latents have unit scale as FLUX.2's do
+and a trained tiny DiT's progress is visible (SFT/tests/test_learning.py).
 """
 
 from __future__ import annotations
@@ -196,14 +198,102 @@ def write_flux2_klein(out: Path, seed: int, full: bool) -> Path:
     Flux2Transformer2DModel(**tcfg).save_pretrained(out / "transformer")
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLFlux2(**vcfg)
-    with torch.no_grad():  # non-trivial BatchNorm statistics so latent normalisation is exercised
-        bn = vae.bn
-        bn.running_mean.copy_(0.1 * torch.randn(bn.running_mean.shape))
-        bn.running_var.copy_(1.0 + 0.5 * torch.rand(bn.running_var.shape))
+    calibrate_vae_batchnorm(vae, calibration_images(seed))
     vae.save_pretrained(out / "vae")
     torch.manual_seed(seed + 2)
     Qwen3ForCausalLM(text_cfg).save_pretrained(out / "text_encoder")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE latent normalisation
+# ----------------------------------------------------------------------------------------------
+# A random VAE's latents have variance ~0.01, so with BatchNorm statistics of O(1) every image lands
+# within a small latent distance of every other (noise has variance 1) and no test could see a model
+# learn. Like FLUX.2's, the twin's statistics are measured on images, so normalised latents are
+# ~N(0, 1) per channel.
+CALIBRATION_IMAGES = 48  # per seed; 64 x 64 and 96 x 128 px
+CALIBRATION_DIGITS = 3  # significant digits kept: float32 round-off never reaches them (byte-identical files)
+
+
+def calibration_images(seed: int, n: int = CALIBRATION_IMAGES):
+    """n deterministic RGB images (PIL) of the kinds the tests feed: smooth colour fields, flat
+    backgrounds with shapes and lines, grids of filled cells (mazes), uniform noise; alternating
+    64 x 64 and 96 x 128 (H x W)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng([seed, 7])
+    images = []
+    for i in range(n):
+        h, w = (64, 64) if i % 2 == 0 else (96, 128)
+        kind = (i // 2) % 4  # each kind at both sizes
+        if kind == 0:  # smooth field: low-resolution noise, bicubic upsampling
+            low = (rng.random((int(rng.integers(2, 7)), int(rng.integers(2, 7)), 3)) * 255).astype(np.uint8)
+            img = Image.fromarray(low, "RGB").resize((w, h), Image.BICUBIC)
+        elif kind == 1:  # flat background, shapes and lines
+            img = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(0, 256, 3)))
+            d = ImageDraw.Draw(img)
+            for _ in range(int(rng.integers(2, 6))):
+                x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
+                x1, y1 = x0 + int(rng.integers(6, w // 2)), y0 + int(rng.integers(6, h // 2))
+                fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+                (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x1, y1], fill=fill)
+            for _ in range(int(rng.integers(0, 3))):
+                pts = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(3)]
+                d.line(pts, fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
+        elif kind == 2:  # grid of cells from a small palette, grey lines (maze-like)
+            cells = int(rng.integers(4, 9))
+            palette = np.array([(255, 255, 255), (0, 0, 0), (0, 128, 0), (255, 0, 0), (0, 0, 255)], np.uint8)
+            fills = palette[rng.choice(5, size=(cells, cells), p=[0.55, 0.3, 0.05, 0.05, 0.05])]
+            img = Image.fromarray(fills, "RGB").resize((w, h), Image.NEAREST)
+            d = ImageDraw.Draw(img)
+            for k in range(cells + 1):
+                d.line([(0, k * h // cells), (w, k * h // cells)], fill=(128, 128, 128), width=1)
+                d.line([(k * w // cells, 0), (k * w // cells, h)], fill=(128, 128, 128), width=1)
+        else:  # uniform noise
+            img = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8), "RGB")
+        images.append(img)
+    return images
+
+
+def latent_statistics(vae, images) -> tuple:
+    """Per-channel mean and variance (each (4 * latent_channels,), float64) of the patchified VAE
+    posterior means of `images`, pooled over images and positions: what the pipeline normalises."""
+    import numpy as np
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    by_size: dict = {}
+    for img in images:
+        by_size.setdefault(img.size, []).append(np.asarray(img.convert("RGB"), dtype=np.float32))
+    dtype = next(vae.parameters()).dtype
+    feats = []
+    with torch.no_grad():
+        for arrays in by_size.values():  # one batch per size
+            x = torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2).to(dtype)
+            z = Flux2KleinPipeline._patchify_latents(vae.encode(x).latent_dist.mode())
+            feats.append(z.double().permute(1, 0, 2, 3).flatten(1))
+    z = torch.cat(feats, dim=1)
+    return z.mean(dim=1), z.var(dim=1, unbiased=False)
+
+
+def _round_significant(x, digits: int):
+    import torch
+
+    scale = 10.0 ** (digits - 1 - torch.floor(torch.log10(x.abs().clamp_min(1e-30))))
+    return torch.round(x * scale) / scale
+
+
+def calibrate_vae_batchnorm(vae, images) -> None:
+    """Set the VAE's BatchNorm running mean and variance (the latent normalisation
+    (z - mean) / sqrt(var + eps)) to the statistics of `images`."""
+    import torch
+
+    mean, var = latent_statistics(vae.eval(), images)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(_round_significant(mean, CALIBRATION_DIGITS).to(vae.bn.running_mean.dtype))
+        vae.bn.running_var.copy_(_round_significant(var, CALIBRATION_DIGITS).to(vae.bn.running_var.dtype))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""scripts/make_tiny_models.py: layout, invariants, determinism, loading with Flux2KleinPipeline, 9B shape."""
+"""scripts/make_tiny_models.py: layout, invariants, determinism, loading with Flux2KleinPipeline, 9B shape,
+calibrated VAE latent statistics."""
 
 from __future__ import annotations
 
@@ -115,3 +116,42 @@ def test_full_shape_configs_have_9b_parameters(tmp_path):
     assert cfg["joint_attention_dim"] == 3 * te.hidden_size
     vl = AutoConfig.from_pretrained(tmp_path / "qwen3-vl-8b-shape")
     assert vl.text_config.hidden_size == 4096 and vl.vision_config.out_hidden_size == 4096
+
+
+def test_vae_latents_of_fresh_images_have_unit_scale(tiny_models):
+    """The VAE's BatchNorm statistics are calibrated on images: normalised latents of images the
+    calibration never saw (procedural mazes and jigsaws, another seed's calibration set) are ~N(0, 1)
+    per channel, and different images lie far apart relative to noise of variance 1."""
+    import importlib
+
+    from diffusers import Flux2KleinPipeline
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    mt = load_script("make_tiny_models")
+    bb = load_script("build_benchmark")
+    bb.load_procedural()
+    maze = importlib.import_module("etchr_procedural.maze")
+    jigsaw = importlib.import_module("etchr_procedural.jigsaw")
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_models.flux, dtype=torch.float32)
+    bn = pipe.vae.bn
+    # the stored statistics are those of the seed-0 calibration images (3 significant digits)
+    mean, var = mt.latent_statistics(pipe.vae, mt.calibration_images(0))
+    torch.testing.assert_close(bn.running_mean.double(), mean, rtol=6e-3, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), var, rtol=6e-3, atol=1e-8)
+    assert float(bn.running_var.max()) < 0.2  # a random VAE's latents are small: not the O(1) defaults
+
+    records = maze.generate(3, seed=11) + jigsaw.generate(3, seed=11)
+    fresh = [im.resize((128, 128), Image.BICUBIC) for r in records for im in (r.image, r.target_image)]
+    fresh += [im.resize((128, 128), Image.BICUBIC) for im in mt.calibration_images(12345, n=8)]
+    proc = Flux2ImageProcessor(vae_scale_factor=16)
+    with torch.no_grad():
+        z = pipe._encode_vae_image(torch.cat([proc.preprocess(im, height=128, width=128) for im in fresh]), None)
+    per_channel_var = z.var(dim=(0, 2, 3))
+    per_channel_mean = z.mean(dim=(0, 2, 3))
+    assert z.shape[1] == 16
+    assert ((per_channel_var > 0.5) & (per_channel_var < 2.0)).all(), per_channel_var
+    assert per_channel_mean.abs().max() < 0.4, per_channel_mean
+    flat = z.flatten(1)
+    dist = ((flat[:, None] - flat[None]) ** 2).mean(-1)
+    off = dist[~torch.eye(len(flat), dtype=torch.bool)]
+    assert off.min() > 0.3 and off.mean() > 1.0  # images are distinguishable at the noise scale
