@@ -62,7 +62,8 @@ def test_evaluate_against_real_server_writes_tables_and_report(tiny_models, mllm
     assert summary["meta"]["prompt_files"] == ["edit_prefix_3d_v1", "reason_one_image_v1", "reason_two_images_v1",
                                                "verify_dl3dv_v1"]
     html = (run_dir / "report.html").read_text()
-    assert html.count("report_thumbs/") == 12 and len(list((run_dir / "report_thumbs").glob("*.jpg"))) == 12
+    assert "report_assets/pass1.png" in html and len(list((run_dir / "report_assets" / "thumbs").glob("*.jpg"))) == 12
+    assert len(list((run_dir / "report_assets" / "full").glob("*_orig.png"))) == 6
     cfg = (run_dir / "config.yaml").read_text()
     assert "steps: 4" in cfg and str(dl3dv_parquet) in cfg
 
