@@ -2,7 +2,12 @@
 """Edit-Verify-Reason evaluation of any registered tasks.
 
     python evaluate.py --config ../configs/eval/dl3dv_reference.yaml [key=value ...]
+    python evaluate.py --config ../configs/eval/embedded_benchmark.yaml --tasks maze,vstar --limit 20
+    python evaluate.py --config ... --print-config          # the resolved config, then exit
     torchrun --nproc_per_node 8 evaluate.py --config ...      # items sharded over ranks / GPUs
+
+Flags: --config FILE, --tasks a,b (a subset of the YAML's tasks), --limit N (first N items of each
+selected task), --print-config, -h/--help; everything else is key=value overrides.
 
 Writes into run_dir: config.yaml, results.jsonl (one row per item; resumable), edit_cache/,
 summary.json / summary.md (per-task tables), report.html. A rerun skips finished items and retries
@@ -17,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere without installing
@@ -105,14 +111,10 @@ def run(cfg, on_row=None) -> dict:
     for name, items in data.items():
         if not items:
             raise DataError(f"{cfg.tasks[name].path}: no items for task {name} (an empty benchmark file?)")
-    client = MLLMClient(list(cfg.mllm.endpoints), cfg.mllm.model, api_key_env=cfg.mllm.api_key_env,
-                        concurrency=cfg.mllm.concurrency, timeout_s=cfg.mllm.timeout_s,
-                        max_retries=cfg.mllm.max_retries, backoff_s=cfg.mllm.backoff_s)
+    client = MLLMClient.from_config(cfg.mllm, role="mllm")
     judge = None
     if cfg.judge is not None:  # judge-graded tasks (CharXiv) may use another model / endpoints
-        judge = MLLMClient(list(cfg.judge.endpoints), cfg.judge.model, api_key_env=cfg.judge.api_key_env,
-                           concurrency=cfg.judge.concurrency, timeout_s=cfg.judge.timeout_s,
-                           max_retries=cfg.judge.max_retries, backoff_s=cfg.judge.backoff_s)
+        judge = MLLMClient.from_config(cfg.judge, role="judge")
     for c in (client, judge):  # a wrong model name or an unreachable server stops the run before any edit
         if c is not None:
             asyncio.run(c.check_reachable())
@@ -146,7 +148,17 @@ def run(cfg, on_row=None) -> dict:
                             image_format=cfg.mllm.image_format, jpeg_quality=cfg.mllm.jpeg_quality,
                             base_seed=cfg.editor.seed, per_item_seed=cfg.editor.per_item_seed,
                             max_inflight=max(16, 4 * cfg.mllm.concurrency), run_dir=str(out_dir),
-                            run_hashes={name: row_hash(fp, name) for name in tasks}, on_row=on_row)
+                            run_hashes={name: row_hash(fp, name) for name in tasks})
+    # One progress line over all tasks (items done / total, rate, ETA) above the per-task bars.
+    overall = runtime.progress(total=sum(len(items[rank::world]) for items in data.values()), desc="all tasks",
+                               unit="item")
+
+    def row_done(row: dict) -> None:
+        overall.update(1)
+        if on_row is not None:
+            on_row(row)
+
+    settings.on_row = row_done
     runtime.print0(f"evaluating {', '.join(f'{n} ({len(v)} items)' for n, v in data.items())} on {world} "
                    f"rank(s); editor {cfg.editor.pipe_path} [{editor.fingerprint}]; MLLM {cfg.mllm.model} at "
                    f"{', '.join(cfg.mllm.endpoints)}; results in {out_dir}")
@@ -160,7 +172,9 @@ def run(cfg, on_row=None) -> dict:
                 shard = items[rank::world]
                 stats[name] = await run_task(tasks[name], shard, editor, client, store, settings,
                                              desc=f"{name} [rank {rank}]" if world > 1 else name, judge=judge)
+                overall.update(stats[name].skipped)  # finished in an earlier run
         finally:
+            overall.close()
             await client.aclose()
             if judge is not None:
                 await judge.aclose()
@@ -233,10 +247,68 @@ def log_to_wandb(cfg, out_dir: Path, summary: dict) -> None:
         writer.log(flat, step=0)
 
 
+def parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """Pull --tasks, --limit, --print-config and --help out of argv; the rest is split_cli's."""
+    flags: dict = {"tasks": None, "limit": None, "print_config": False, "help": False}
+    rest, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, _, inline = arg.partition("=")
+        if arg in ("-h", "--help"):
+            flags["help"] = True
+        elif arg == "--print-config":
+            flags["print_config"] = True
+        elif name in ("--tasks", "--limit"):
+            if not inline:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{name} needs a value")
+                inline, i = argv[i + 1], i + 1
+            if name == "--tasks":
+                flags["tasks"] = [t.strip() for t in inline.split(",") if t.strip()]
+            else:
+                try:
+                    flags["limit"] = int(inline)
+                except ValueError:
+                    raise ConfigError(f"--limit {inline!r}: give a whole number of items") from None
+        else:
+            rest.append(arg)
+        i += 1
+    return flags, rest
+
+
+def select(cfg, tasks: Optional[list[str]], limit: Optional[int]):
+    """Keep only `tasks` of the config (in the YAML's order) and cap each at `limit` items."""
+    if tasks:
+        unknown = [t for t in tasks if t not in cfg.tasks]
+        if unknown:
+            raise ConfigError(f"--tasks {','.join(unknown)}: not in this config's tasks ({', '.join(cfg.tasks) or 'none'}); "
+                              "add them with tasks.<name>.path=<data file>")
+        for name in [n for n in cfg.tasks if n not in tasks]:
+            del cfg.tasks[name]
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit {limit}: must be >= 1")
+        for name in cfg.tasks:
+            cfg.tasks[name].limit = limit
+    return cfg
+
+
 def main(argv=None) -> int:
     try:
-        config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-        cfg = load_eval_config(config_path, overrides)
+        flags, rest = parse_flags(sys.argv[1:] if argv is None else argv)
+        if flags["help"]:
+            from etchr_eval.config import EvalConfig, config_help
+            from etchr_eval.tasks import TASKS
+
+            print(config_help(EvalConfig, __doc__) + "\nregistered tasks: " + ", ".join(sorted(TASKS)))
+            return 0
+        config_path, overrides = split_cli(rest)
+        cfg = select(load_eval_config(config_path, overrides), flags["tasks"], flags["limit"])
+        if flags["print_config"]:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            return 0
         run(cfg)
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -251,3 +251,48 @@ def test_wandb_true_mirrors_the_summary(tiny_models, dl3dv_parquet, tmp_path, do
     (row,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())["tasks"]["dl3dv"]
     assert row["dl3dv/items"] == 2 and row["dl3dv/etchr_pass1"] == summary["etchr_pass1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line habits
+# ----------------------------------------------------------------------------------------------
+def test_help_lists_every_config_key_with_type_default_and_doc():
+    import dataclasses
+
+    from etchr_eval.config import EvalConfig
+
+    res = ev.run_eval(["--help"])
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "python evaluate.py --config" in out and "registered tasks:" in out and "dl3dv" in out
+    assert "  editor.steps (int, default 40): denoising steps (reference: 40)" in out
+    assert "  mllm.model (str, default 'Qwen/Qwen3-VL-8B-Instruct'): model name sent in each request" in out
+    assert "  tasks.<name>.limit (int or null, default None): evaluate only the first N items" in out
+
+    for section, cls in (("", EvalConfig), ("editor.", EvalConfig.__dataclass_fields__["editor"].default_factory),
+                         ("mllm.", EvalConfig.__dataclass_fields__["mllm"].default_factory)):
+        for f in dataclasses.fields(cls):
+            assert f"  {section}{f.name}" in out, section + f.name
+
+
+def test_tasks_and_limit_select_from_a_multi_task_yaml(tiny_models, tmp_path, double_server, make_dl3dv):
+    import yaml
+
+    data = tmp_path / "d.parquet"
+    make_dl3dv(data, n=6)
+    cfg = tmp_path / "multi.yaml"
+    cfg.write_text(yaml.safe_dump({"tasks": {"dl3dv": {"path": str(data)}, "viewspatial": {"path": "nowhere.json"},
+                                             "maze": {"path": "nowhere.parquet"}}}, sort_keys=False))
+    base = ["--config", str(cfg), f"editor.pipe_path={tiny_models.flux}", "editor.steps=2", "editor.max_area=16384",
+            f"mllm.endpoints=[{double_server.base_url}]", "mllm.model=double", "report_html=false"]
+    res = ev.run_eval(base + ["--print-config", "--tasks", "dl3dv", "--limit=2"])
+    assert res.returncode == 0, res.stderr
+    printed = yaml.safe_load(res.stdout)
+    assert list(printed["tasks"]) == ["dl3dv"] and printed["tasks"]["dl3dv"]["limit"] == 2
+    run_dir = tmp_path / "run"
+    ev.ok(ev.run_eval(base + ["--tasks", "dl3dv", "--limit", "2", f"run_dir={run_dir}"]))
+    assert len(ev.rows_of(run_dir)) == 2  # the other two tasks (missing files) were never loaded
+    res = ev.run_eval(base + ["--tasks", "dl3dv,chartqa"])
+    assert res.returncode == 2 and "--tasks chartqa: not in this config's tasks (dl3dv, viewspatial, maze)" in res.stderr
+    res = ev.run_eval(base + ["--limit", "x"])
+    assert res.returncode == 2 and "--limit 'x'" in res.stderr
