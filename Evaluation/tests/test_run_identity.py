@@ -296,3 +296,37 @@ def test_tasks_and_limit_select_from_a_multi_task_yaml(tiny_models, tmp_path, do
     assert res.returncode == 2 and "--tasks chartqa: not in this config's tasks (dl3dv, viewspatial, maze)" in res.stderr
     res = ev.run_eval(base + ["--limit", "x"])
     assert res.returncode == 2 and "--limit 'x'" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# compare.py
+# ----------------------------------------------------------------------------------------------
+def test_compare_renders_two_runs_side_by_side(tiny_models, dl3dv_parquet, tmp_path, make_double_server):
+    import subprocess
+
+    import pandas as pd
+
+    a, b = make_double_server(default_answer="\\boxed{A}"), make_double_server(default_answer="\\boxed{D}")
+    extra = [f"edit_cache_dir={tmp_path / 'cache'}"]
+    ev.ok(ev.run_eval(ev.base_args(tiny_models, tmp_path / "ra", dl3dv_parquet, a.base_url, "double", extra)))
+    ev.ok(ev.run_eval(ev.base_args(tiny_models, tmp_path / "rb", dl3dv_parquet, b.base_url, "double",
+                                   extra + ["mllm.temperature=0.5"])))
+    out = tmp_path / "cmp"
+    res = subprocess.run([sys.executable, str(ev.EVAL_DIR / "compare.py"), str(tmp_path / "ra"), str(tmp_path / "rb"),
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    md = (out / "compare.md").read_text()
+    gt = pd.read_parquet(dl3dv_parquet)["answer"].tolist()
+    pa, pb = 100 * sum(g == "A" for g in gt) / 6, 100 * sum(g == "D" for g in gt) / 6
+    assert f"| double | ETCHR | " in md or "double | temperature=0.0 | ETCHR" in md
+    assert "Settings that differ between the runs: mllm.temperature." in md
+    line_a = next(x for x in md.splitlines() if "temperature=0.0 | ETCHR |" in x)
+    line_b = next(x for x in md.splitlines() if "temperature=0.5 | ETCHR |" in x)
+    assert f"| {pa:.2f} |" in line_a and f"| {pb:.2f} |" in line_b  # the DL3DV-2k column
+    right_a, right_b = sum(g == "A" for g in gt), sum(g == "D" for g in gt)
+    assert f"| 6 | 6 | " in md and f" | {right_a} | {right_b} |" in md  # every answer changed; who was right
+    page = (out / "compare.html").read_text()
+    assert "compare_assets/pass1.png" in page and (out / "compare_assets" / "pass1.png").stat().st_size > 5000
+    res = subprocess.run([sys.executable, str(ev.EVAL_DIR / "compare.py"), str(tmp_path / "ra"), str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no summary.json" in res.stderr
