@@ -167,8 +167,9 @@ def train(cfg) -> dict:
     bar = runtime.progress(total=cfg.train.max_steps, desc="grpo", unit="step", initial=position.step)
 
     # ================================================================ loop
+    t_start, timed_out = time.time(), False
     try:
-        while position.step < cfg.train.max_steps:
+        while position.step < cfg.train.max_steps and not timed_out:
             it = position.iteration
             t0 = time.time()
             # ---- rollout (the judge scores group k / chunk i while group k+1 / chunk i+1 is sampled)
@@ -210,7 +211,8 @@ def train(cfg) -> dict:
             if accelerator.is_main_process and cfg.train.grid_every and it % cfg.train.grid_every == 0:
                 _save_grid(run_dir, it, groups, rewards, G, metrics)
             crossed = position.step // cfg.train.checkpoint_every != (position.step - steps_per_iter) // cfg.train.checkpoint_every
-            if crossed or position.step >= cfg.train.max_steps:
+            timed_out = _out_of_time(accelerator, cfg.train.time_limit_s, time.time() - t_start, device)
+            if crossed or position.step >= cfg.train.max_steps or timed_out:
                 save_checkpoint(accelerator, model, cfg, position, lora_info)
     finally:
         bar.close()
@@ -219,10 +221,23 @@ def train(cfg) -> dict:
             bg.submit(judge.aclose()).result()
         bg.close()
     accelerator.wait_for_everyone()
-    runtime.print0(f"[rl] done: {position.step} steps, {position.iteration} iterations; checkpoints in "
+    stop = f" (train.time_limit_s={cfg.train.time_limit_s:g} reached)" if timed_out else ""
+    runtime.print0(f"[rl] done: {position.step} steps, {position.iteration} iterations{stop}; checkpoints in "
                    f"{run_dir / 'checkpoints'}")
     accelerator.end_training()
-    return {"step": position.step, "transformer": accelerator.unwrap_model(model)}
+    return {"step": position.step, "timed_out": timed_out, "transformer": accelerator.unwrap_model(model)}
+
+
+def _out_of_time(accelerator, limit_s: float, elapsed_s: float, device) -> bool:
+    """train.time_limit_s reached? Rank 0's clock decides for all ranks (no rank may stop alone)."""
+    if limit_s <= 0:
+        return False
+    flag = torch.tensor([1.0 if elapsed_s >= limit_s else 0.0], device=device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        flag = broadcast(flag, from_process=0)
+    return bool(flag.item() > 0)
 
 
 def sample_and_score(cfg, pipe, transformer, items, it, rank, bg, judge, names) -> tuple[list, list]:
@@ -425,10 +440,9 @@ def _save_grid(run_dir: Path, it: int, groups, rewards: dict, G: int, metrics) -
 
 
 def _load_source(prompt):
-    from PIL import Image
+    from etchr_rl.images import open_rgb8  # the image rule (16-bit, alpha, EXIF, ...); ImageError names the file
 
-    with Image.open(prompt.source_image) as im:
-        return im.convert("RGB")
+    return open_rgb8(prompt.source_image, f"prompt {prompt.id} source_image {prompt.source_image}")
 
 
 def _fmt(v) -> str:

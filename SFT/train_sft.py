@@ -161,7 +161,8 @@ def train(cfg, pipe=None) -> dict:
     loss_acc, micro = 0.0, 0
     bar = runtime.progress(total=total_steps, desc="sft", unit="step", initial=position.step)
     transformer.train()
-    while position.step < total_steps:
+    timed_out = False
+    while position.step < total_steps and not timed_out:
         epoch_batches = shard(make_batches(keys, cfg.train.batch_size, cfg.train.seed, position.epoch,
                                            cfg.data.aspect_buckets), rank, world)
         dataset = BatchDataset(rows, epoch_batches[position.cursor:], max_pixels=cfg.data.max_pixels,
@@ -193,7 +194,9 @@ def train(cfg, pipe=None) -> dict:
             mean_loss = accelerator.reduce(torch.tensor(loss_acc / micro, device=device), "mean").item()
             loss_acc, micro = 0.0, 0
             now = time.time()
-            if position.step % cfg.train.log_every == 0 or position.step == total_steps:
+            timed_out = _out_of_time(accelerator, cfg.train.time_limit_s, now - t_start, device)
+            last = position.step == total_steps or timed_out
+            if position.step % cfg.train.log_every == 0 or last:
                 metrics.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
                              "step_time_s": round(now - t_step, 4), "epoch": position.epoch,
@@ -201,13 +204,11 @@ def train(cfg, pipe=None) -> dict:
             t_step = now
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if position.step % cfg.train.checkpoint_every == 0 or (position.step == total_steps
-                                                                    and cfg.train.save_final):
+            if position.step % cfg.train.checkpoint_every == 0 or (last and cfg.train.save_final):
                 save_checkpoint(accelerator, transformer, cfg, position, lora_info)
-            if cfg.train.validate_every and (position.step % cfg.train.validate_every == 0
-                                             or position.step == total_steps):
+            if cfg.train.validate_every and (position.step % cfg.train.validate_every == 0 or last):
                 validate(accelerator, pipe, transformer, cfg, rows, position.step, metrics)
-            if position.step >= total_steps:
+            if last:
                 break
         else:
             position.epoch += 1
@@ -215,13 +216,26 @@ def train(cfg, pipe=None) -> dict:
     bar.close()
     metrics.close()
     accelerator.wait_for_everyone()
-    runtime.print0(f"[sft] done: {position.step} steps in {time.time() - t_start:.1f} s; checkpoints in "
+    stop = f" (train.time_limit_s={cfg.train.time_limit_s:g} reached)" if timed_out else ""
+    runtime.print0(f"[sft] done: {position.step} steps in {time.time() - t_start:.1f} s{stop}; checkpoints in "
                    f"{run_dir / 'checkpoints'}")
     accelerator.end_training()
-    return {"step": position.step, "transformer": accelerator.unwrap_model(transformer)}
+    return {"step": position.step, "timed_out": timed_out, "transformer": accelerator.unwrap_model(transformer)}
 
 
-# ================================================================ DeepSpeed, memory
+# ================================================================ time limit, DeepSpeed, memory
+def _out_of_time(accelerator, limit_s: float, elapsed_s: float, device) -> bool:
+    """train.time_limit_s reached? Rank 0's clock decides for all ranks (no rank may stop alone)."""
+    if limit_s <= 0:
+        return False
+    flag = torch.tensor([1.0 if elapsed_s >= limit_s else 0.0], device=device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        flag = broadcast(flag, from_process=0)
+    return bool(flag.item() > 0)
+
+
 def _fill_deepspeed_config(accelerator, cfg) -> None:
     """Under DeepSpeed, accelerate reads the micro-batch size from a prepared DataLoader; SFT prepares none
     (each rank builds its own), so set it from the config, and keep the config's accumulation (accelerate
@@ -306,9 +320,8 @@ def validate(accelerator, pipe, transformer, cfg, rows, step: int, metrics) -> N
     if not accelerator.is_main_process or cfg.train.validation_items <= 0:
         accelerator.wait_for_everyone()
         return
-    from PIL import Image
-
     from etchr_sft.data import reference_size, target_size
+    from etchr_sft.images import open_rgb8
 
     model = accelerator.unwrap_model(transformer)
     model.eval()
@@ -316,8 +329,7 @@ def validate(accelerator, pipe, transformer, cfg, rows, step: int, metrics) -> N
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
     for i, row in enumerate(rows[: cfg.train.validation_items]):
-        with Image.open(row.reference) as im:
-            ref = im.convert("RGB")
+        ref = open_rgb8(row.reference, f"validation row {i}: {row.reference}")  # the image rule, as in training
         w, h = target_size(*row.size, cfg.data.max_pixels, cfg.data.multiple_of)
         edit = pipe(image=ref, prompt=row.prompt, height=h, width=w, num_inference_steps=cfg.train.validation_steps,
                     guidance_scale=cfg.train.validation_guidance,

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 
-EXPECTED = {"eval": 3, "sft": 3, "rl": 2, "accelerate": 4}
+EXPECTED = {"eval": 3, "sft": 4, "rl": 3, "accelerate": 4}
 
 
 def _load(path: Path):

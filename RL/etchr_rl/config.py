@@ -131,6 +131,9 @@ class TrainConfig:
     log_every: int = 1
     grid_every: int = 10  # iterations; save an edit grid with rewards (0 = never)
     resume: str = "auto"  # auto | never | <checkpoint dir>
+    # seconds of training-loop wall time; 0 = no limit. Past it the run ends after the current iteration,
+    # saving the final checkpoint as at max_steps: time-boxed runs (scripts/nano).
+    time_limit_s: float = 0.0
 
 
 @dataclass
@@ -244,6 +247,8 @@ def validate_rl(cfg: DictConfig) -> None:
     if s.rollout_chunk < 0:
         raise ConfigError(f"sampling.rollout_chunk={s.rollout_chunk}: use 0 (the whole group at once) or a "
                           "positive number of samples per chunk")
+    if cfg.train.time_limit_s < 0:
+        raise ConfigError(f"train.time_limit_s={cfg.train.time_limit_s}: use 0 (no limit) or a number of seconds")
     if cfg.train.micro_batch < 1:
         raise ConfigError(f"train.micro_batch={cfg.train.micro_batch}: use >= 1 transitions per training forward")
     check_attention_backend(cfg.model.attention_backend, dtype=cfg.model.dtype)

@@ -104,6 +104,9 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps
     resume: str = "auto"  # auto (latest checkpoint in run_dir if any) | never | <checkpoint dir>
     timestep_lookup: str = "exact"  # exact | reference_bf16 (round t to bf16, nearest table entry)
+    # seconds of training-loop wall time; 0 = no limit. Past it the run ends after the current optimizer
+    # step as if max_steps were reached (final log, checkpoint, validation): time-boxed runs (scripts/nano).
+    time_limit_s: float = 0.0
 
 
 @dataclass
@@ -207,6 +210,8 @@ def validate_sft(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}: use constant or cosine")
     if cfg.train.mixed_precision not in ("bf16", "no"):
         raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: use bf16 or no")
+    if cfg.train.time_limit_s < 0:
+        raise ConfigError(f"train.time_limit_s={cfg.train.time_limit_s}: use 0 (no limit) or a number of seconds")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if cfg.model.attention_backend in TRAINING_UNSAFE_ATTENTION_BACKENDS:
