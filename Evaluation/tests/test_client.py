@@ -34,7 +34,7 @@ def test_success(double_server):
 
 
 @pytest.mark.parametrize("action,needle", [
-    ("500", "HTTP 500"), ("malformed", "no choices"), ("garbage", "malformed reply"), ("close", "connection error"),
+    ("500", "HTTP 500: injected server error"), ("malformed", "no choices"), ("garbage", "malformed reply"), ("close", "connection error"),
 ])
 def test_faults_are_retried_then_reported(make_double_server, action, needle):
     srv = make_double_server(rules=[("hello", action)])
@@ -55,7 +55,7 @@ def test_timeout(make_double_server):
 def test_client_errors_are_not_retried(make_double_server):
     srv = make_double_server(rules=[("hello", "400")])
     r = _ask(_client([srv.base_url]))
-    assert not r.ok and "HTTP 400" in r.error and r.attempts == 1 and len(srv.requests) == 1
+    assert not r.ok and r.error == "HTTP 400: injected bad request" and r.attempts == 1 and len(srv.requests) == 1
 
 
 def test_refused_endpoint_falls_over_to_a_live_one(double_server, dead_url):
