@@ -85,9 +85,12 @@ class JudgeConfig:
     model: str = "Qwen/Qwen3-VL-8B-Instruct"
     api_key_env: str = "ETCHR_JUDGE_API_KEY"  # environment variable holding the key
     concurrency: int = 64  # requests in flight at once
-    timeout_s: float = 120.0  # seconds per request
-    max_retries: int = 3
+    timeout_s: float = 120.0  # seconds of wall clock per attempt, connect to last byte (a slow drip cannot extend it)
+    connect_timeout_s: float = 10.0  # seconds to open the connection (capped at timeout_s)
+    request_deadline_s: Optional[float] = None  # seconds per request over all attempts and waits; null = no cap
+    max_retries: int = 3  # retries after the first try (network errors, 5xx, 429, malformed replies)
     backoff_s: float = 1.0  # seconds; doubles per retry
+    retry_after_max_s: float = 60.0  # seconds; a 429/503 Retry-After is waited for, up to this
     max_failure_rate: float = 0.2  # abort when the judge fails on more than this fraction of a step
     drop_params: list = field(default_factory=list)  # sampling params not to send (transformers serve: [top_k])
 
@@ -244,6 +247,11 @@ def validate_rl(cfg: DictConfig) -> None:
         raise ConfigError("judge.endpoints is empty: list at least one OpenAI base URL")
     if not 0 <= cfg.judge.max_failure_rate <= 1:
         raise ConfigError("judge.max_failure_rate must lie in [0, 1]")
+    j = cfg.judge
+    if j.connect_timeout_s <= 0 or j.retry_after_max_s < 0 or (j.request_deadline_s is not None
+                                                               and j.request_deadline_s <= 0):
+        raise ConfigError(f"judge: connect_timeout_s > 0, retry_after_max_s >= 0 and request_deadline_s > 0 (or null) "
+                          f"are required (got {j.connect_timeout_s}, {j.retry_after_max_s}, {j.request_deadline_s})")
     if s.rollout_chunk < 0:
         raise ConfigError(f"sampling.rollout_chunk={s.rollout_chunk}: use 0 (the whole group at once) or a "
                           "positive number of samples per chunk")

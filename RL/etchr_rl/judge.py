@@ -2,9 +2,21 @@
 
 Requests spread over N OpenAI-compatible endpoints round-robin; a retry moves on to the next endpoint,
 so one dead server costs one attempt, not the step. One semaphore bounds the requests in flight over
-all endpoints; every attempt has a timeout; retries are bounded, with exponential backoff and jitter.
+all endpoints; retries are bounded, with exponential backoff and jitter, or the server's Retry-After.
 A request never raises: it returns the reply text, or None once the retries are spent, and the error is
-recorded. None becomes a None reward ("no signal", DESIGN.md), never a 0.
+recorded with the server's own reason ("HTTP 404: The model `X` does not exist."). None becomes a None
+reward ("no signal", DESIGN.md), never a 0.
+
+Deadlines, all in seconds of wall-clock time:
+  connect_timeout_s   opening the TCP connection;
+  timeout_s           one attempt in total, connect to last byte, enforced with asyncio.wait_for around
+                      the attempt (httpx's read timeout is per chunk: a server dripping a byte a second
+                      would otherwise hold an attempt for ever);
+  request_deadline_s  one request over all its attempts and waits (None: no cap beyond the attempts',
+                      i.e. at most (max_retries + 1) * timeout_s plus the backoffs);
+  retry_after_max_s   the longest Retry-After (429 / 503) that is honoured; a longer one is cut to this.
+
+`check()` runs once before training and stops a misconfigured run (see its docstring).
 
 The API key comes from the environment variable named by `judge.api_key_env` ("EMPTY" when unset,
 which vLLM without --api-key accepts).
@@ -19,8 +31,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import email.utils
 import io
 import itertools
+import json
+import logging
 import math
 import os
 import random
@@ -33,8 +48,15 @@ import openai
 from PIL import Image
 
 
-class JudgeUnreachable(RuntimeError):
-    """No judge endpoint answered; the message lists every endpoint and why."""
+log = logging.getLogger("etchr_rl.judge")
+
+
+class JudgeEndpointError(RuntimeError):
+    """The start-up check failed: a wrong model name or key, or no endpoint answering. The first line
+    of the message says what and where; further lines list every endpoint's problem."""
+
+
+JudgeUnreachable = JudgeEndpointError  # the former name (train_grpo.main catches it)
 
 
 @dataclass
@@ -42,7 +64,7 @@ class JudgeReply:
     """One request's outcome: `text` on success, else None and `error` says why."""
 
     text: Optional[str]
-    error: Optional[str] = None  # "HTTP 500: ...", "timeout after 30 s", "malformed reply: ...", ...
+    error: Optional[str] = None  # "HTTP 500: <server's message>", "timeout after 30 s", "malformed reply: ...", ...
     attempts: int = 0
     latency_s: float = 0.0  # seconds, from entering the queue to the final answer (retries included)
     endpoint: str = ""  # the endpoint of the last attempt
@@ -76,20 +98,79 @@ class MalformedReply(ValueError):
     """A 200 answer that is not a chat completion with text."""
 
 
+class AttemptTimeout(Exception):
+    """Our wall-clock deadline on one attempt ran out (asyncio.wait_for); args[0] = its seconds."""
+
+
 # Worth another attempt: the server (or the way to it) may recover; a 4xx other than 429 will not.
 _RETRYABLE = (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
-              openai.RateLimitError, openai.APIResponseValidationError, MalformedReply)
+              openai.RateLimitError, openai.APIResponseValidationError, MalformedReply, AttemptTimeout)
 
 
-def describe_error(exc: BaseException, timeout_s: float) -> str:
-    """A one-line, log-friendly description of a failed attempt."""
+def server_message(body: Any) -> str:
+    """The reason inside an error body, one line: OpenAI's {"error": {"message": ...}}, vLLM's flat
+    {"object": "error", "message": ...}, vLLM's 401 {"error": "Unauthorized"}, FastAPI's {"detail": ...},
+    or the raw text."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            msg = inner.get("message") or inner.get("detail")
+            body = msg if msg else inner
+        else:
+            body = inner
+        if isinstance(body, dict) and "detail" in body:
+            body = body["detail"]
+    if not isinstance(body, str):
+        body = json.dumps(body, default=str) if body is not None else ""
+    return " ".join(body.split())[:300]
+
+
+def response_message(r: httpx.Response) -> str:
+    """server_message of an httpx response (JSON or not)."""
+    try:
+        return server_message(r.json())
+    except ValueError:
+        return server_message(r.text)
+
+
+def retry_after_s(headers: Any, now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP-date); None if absent or
+    unreadable. `now` is the epoch time to count an HTTP-date from (default: the clock)."""
+    value = headers.get("retry-after") if headers is not None else None
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def server_wait(exc: BaseException) -> Optional[float]:
+    """The Retry-After of a 429 / 503 answer, if it has one."""
+    if isinstance(exc, openai.APIStatusError) and exc.status_code in (429, 503):
+        return retry_after_s(exc.response.headers)
+    return None
+
+
+def describe_error(exc: BaseException, timeout_s: float, connect_timeout_s: Optional[float] = None) -> str:
+    """A one-line, log-friendly description of a failed attempt (with the server's reason for a status)."""
+    if isinstance(exc, AttemptTimeout):
+        return f"timeout after {exc.args[0]:g} s"
     if isinstance(exc, openai.APITimeoutError):
+        if connect_timeout_s is not None and isinstance(exc.__cause__, httpx.ConnectTimeout):
+            return f"connect timeout after {connect_timeout_s:g} s"
         return f"timeout after {timeout_s:g} s"
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
         return f"connection error: {type(cause).__name__}: {cause}"[:300]
     if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code}: {str(exc.message)[:200]}"
+        return f"HTTP {exc.status_code}: {server_message(exc.body) or exc.message}"
     if isinstance(exc, (openai.APIResponseValidationError, MalformedReply)):
         return f"malformed reply: {str(exc)[:200]}"
     return f"malformed reply: {type(exc).__name__}: {str(exc)[:200]}"
@@ -124,21 +205,31 @@ class JudgeClient:
     def __init__(self, endpoints: list[str], model: str, *, api_key: Optional[str] = None,
                  api_key_env: str = "ETCHR_JUDGE_API_KEY", concurrency: int = 64, timeout_s: float = 120.0,
                  max_retries: int = 3, backoff_s: float = 1.0, drop_params: Optional[list[str]] = None,
-                 keep_errors: int = 100):
+                 keep_errors: int = 100, connect_timeout_s: float = 10.0, request_deadline_s: Optional[float] = None,
+                 retry_after_max_s: float = 60.0):
         endpoints = [str(e).rstrip("/") for e in endpoints]
         if not endpoints:
             raise ValueError("JudgeClient: no endpoints given (set judge.endpoints to a list of OpenAI base URLs)")
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError(f"JudgeClient: need concurrency >= 1, max_retries >= 0, timeout_s > 0, backoff_s >= 0 "
                              f"(got {concurrency}, {max_retries}, {timeout_s}, {backoff_s})")
+        if connect_timeout_s <= 0 or retry_after_max_s < 0 or (request_deadline_s is not None and request_deadline_s <= 0):
+            raise ValueError(f"JudgeClient: need connect_timeout_s > 0, retry_after_max_s >= 0, request_deadline_s > 0 "
+                             f"or None (got {connect_timeout_s}, {retry_after_max_s}, {request_deadline_s})")
         self.endpoints = endpoints
         self.model = model
+        self.api_key_env = api_key_env
         self.api_key = api_key or os.environ.get(api_key_env) or "EMPTY"
         self.concurrency = int(concurrency)
         self.timeout_s = float(timeout_s)
+        self.connect_timeout_s = min(float(connect_timeout_s), self.timeout_s)
+        self.request_deadline_s = None if request_deadline_s is None else float(request_deadline_s)
+        self.retry_after_max_s = float(retry_after_max_s)
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
         self.drop_params = frozenset(drop_params or ())
+        self.served: dict[str, list] = {}  # endpoint -> its /models entries (filled by check())
+        self.dropped: dict[str, str] = {}  # endpoint -> why check() took it out of the rotation
         self.errors: collections.deque[str] = collections.deque(maxlen=keep_errors)  # most recent failures
         self._rr = itertools.count()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -152,7 +243,9 @@ class JudgeClient:
         return cls(list(judge_cfg.endpoints), judge_cfg.model, api_key_env=judge_cfg.api_key_env,
                    concurrency=judge_cfg.concurrency, timeout_s=judge_cfg.timeout_s,
                    max_retries=judge_cfg.max_retries, backoff_s=judge_cfg.backoff_s,
-                   drop_params=list(getattr(judge_cfg, "drop_params", None) or []))
+                   drop_params=list(getattr(judge_cfg, "drop_params", None) or []),
+                   connect_timeout_s=judge_cfg.connect_timeout_s, request_deadline_s=judge_cfg.request_deadline_s,
+                   retry_after_max_s=judge_cfg.retry_after_max_s)
 
     # --- statistics -------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -180,9 +273,11 @@ class JudgeClient:
 
     def _client(self, endpoint: str) -> openai.AsyncOpenAI:
         if endpoint not in self._clients:
-            # max_retries=0: retries are ours, so that they move to the next endpoint.
-            self._clients[endpoint] = openai.AsyncOpenAI(base_url=endpoint, api_key=self.api_key,
-                                                         timeout=self.timeout_s, max_retries=0)
+            # max_retries=0: retries are ours, so that they move to the next endpoint. connect bounds the
+            # handshake, read the wait for the first (and every) byte; the attempt's total is wait_for's.
+            self._clients[endpoint] = openai.AsyncOpenAI(
+                base_url=endpoint, api_key=self.api_key, max_retries=0,
+                timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s))
         return self._clients[endpoint]
 
     async def aclose(self) -> None:
@@ -191,24 +286,68 @@ class JudgeClient:
         for c in clients.values():
             await c.close()
 
-    async def check_reachable(self) -> None:
-        """GET /models on every endpoint; raise JudgeUnreachable naming them if none answers.
+    async def check(self) -> None:
+        """GET /models on every endpoint (in parallel) before training; raise JudgeEndpointError if the run
+        cannot be right, so a wrong URL, key or model name fails in seconds instead of as steps of None rewards.
 
-        Called once before training, so a wrong URL fails in seconds instead of as a step of None rewards.
+        Policy:
+          - a configuration error on ANY endpoint stops the run: the model name is not among the served
+            ones (the error lists them), 401/403 (wrong or missing key: status and server message),
+            another 4xx (e.g. a base URL without /v1), or a 200 that is not a model list;
+          - unreachable (refused, timeout, 5xx) on EVERY endpoint stops the run, naming each;
+          - unreachable on SOME endpoints: a warning, and those endpoints are dropped from the rotation
+            for this run (`self.dropped` says why), so no request spends an attempt on them.
+        On success `self.served` maps each live endpoint to its /models entries.
         """
-        problems = []
-        async with httpx.AsyncClient(timeout=min(self.timeout_s, 15.0)) as http:
-            for ep in self.endpoints:
-                try:
-                    r = await http.get(ep + "/models", headers={"Authorization": f"Bearer {self.api_key}"})
-                    if r.status_code >= 400:
-                        problems.append(f"{ep}: HTTP {r.status_code}")
-                except httpx.HTTPError as exc:
-                    problems.append(f"{ep}: {type(exc).__name__}: {exc}")
-        if len(problems) == len(self.endpoints):
-            raise JudgeUnreachable("no judge endpoint is reachable:\n  " + "\n  ".join(problems) +
-                                   "\nstart the judges (scripts/rl/serve_judge.sh, or scripts/local_mllm_server.py "
-                                   "on CPU) or fix judge.endpoints")
+        budget = min(self.timeout_s, 15.0)
+        timeout = httpx.Timeout(budget, connect=min(self.connect_timeout_s, budget))
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            probes = await asyncio.gather(*[self._probe(http, ep, budget) for ep in self.endpoints])
+        wrong = [why for kind, why, _ in probes if kind == "config"]
+        down = {ep: why for ep, (kind, why, _) in zip(self.endpoints, probes) if kind == "down"}
+        if wrong:
+            raise JudgeEndpointError("\n  also: ".join(wrong))
+        if len(down) == len(self.endpoints):
+            raise JudgeEndpointError("no judge endpoint is reachable:\n  " + "\n  ".join(down.values()) +
+                                     "\nstart the judges (scripts/rl/serve_judge.sh, or scripts/local_mllm_server.py "
+                                     "on CPU) or fix judge.endpoints")
+        for why in down.values():
+            log.warning("judge endpoint dropped for this run (unreachable at start): %s", why)
+        self.dropped.update(down)
+        self.served = {ep: entries for ep, (kind, _, entries) in zip(self.endpoints, probes) if kind == "ok"}
+        self.endpoints = list(self.served)
+
+    async def check_reachable(self) -> None:
+        """The former name of check() (train_grpo.py calls it)."""
+        await self.check()
+
+    async def _probe(self, http: httpx.AsyncClient, ep: str, budget: float) -> tuple[str, str, Optional[list]]:
+        """("ok", "", entries) | ("down", why, None) | ("config", why, None) for one endpoint."""
+        try:
+            r = await asyncio.wait_for(http.get(ep + "/models", headers={"Authorization": f"Bearer {self.api_key}"}),
+                                       timeout=budget)
+        except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+            what = f"timeout after {budget:g} s" if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)) \
+                else f"{type(exc).__name__}: {exc}"
+            return "down", f"{ep}: {what}", None
+        if r.status_code >= 500:
+            return "down", f"{ep}: HTTP {r.status_code}: {response_message(r)}", None
+        if r.status_code in (401, 403):
+            return "config", (f"judge endpoint {ep} refused the API key: HTTP {r.status_code}: "
+                              f"{response_message(r)} (set ${self.api_key_env} to the server's key)"), None
+        if r.status_code >= 400:
+            return "config", (f"judge endpoint {ep}: GET /models answered HTTP {r.status_code}: "
+                              f"{response_message(r)} (an OpenAI base URL ends in /v1)"), None
+        try:
+            entries = r.json()["data"]
+            names = [e["id"] if isinstance(e, dict) else str(e) for e in entries]
+        except (ValueError, KeyError, TypeError):
+            return "config", (f"judge endpoint {ep}: GET /models answered 200 but not a model list: "
+                              f"{' '.join(r.text.split())[:120]!r}"), None
+        if self.model not in names:
+            return "config", (f"judge.model {self.model!r} is not served by {ep}; it serves: "
+                              f"{', '.join(repr(n) for n in names) or 'nothing'} (set judge.model to one of them)"), None
+        return "ok", "", entries
 
     # --- requests ---------------------------------------------------------------------------
     async def request(self, messages: list[dict], *, max_tokens: int, temperature: float,
@@ -225,25 +364,48 @@ class JudgeClient:
         start = time.monotonic()
         error, endpoint, attempt = "not attempted", "", 0
         async with self._sem:
+            # The request deadline counts from the first attempt, not from the queue.
+            deadline = None if self.request_deadline_s is None else time.monotonic() + self.request_deadline_s
             for attempt in range(1, self.max_retries + 2):
+                budget = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+                if budget <= 0:
+                    attempt -= 1
+                    error += f"; request deadline of {self.request_deadline_s:g} s reached"
+                    break
                 endpoint = self.endpoints[next(self._rr) % len(self.endpoints)]
+                wait = None
                 try:
-                    resp = await self._client(endpoint).chat.completions.create(
-                        model=self.model, messages=messages, **sampling)
+                    resp = await self._attempt(endpoint, budget, messages, sampling)
                     text = reply_text(resp)
                     return self._finish(JudgeReply(text=text, attempts=attempt, endpoint=endpoint), start)
                 except _RETRYABLE as exc:
-                    error = describe_error(exc, self.timeout_s)
+                    error = describe_error(exc, self.timeout_s, self.connect_timeout_s)
+                    wait = server_wait(exc)
                 except openai.APIStatusError as exc:  # 4xx other than 429: the request itself is wrong
-                    error = describe_error(exc, self.timeout_s)
+                    error = describe_error(exc, self.timeout_s, self.connect_timeout_s)
                     break
                 except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError) as exc:
                     error = describe_error(exc, self.timeout_s)  # a body the SDK could not parse
                 if attempt <= self.max_retries:
+                    if wait is not None:  # the server said when: honour it, up to the cap
+                        delay = min(wait, self.retry_after_max_s)
+                    else:  # exponential backoff with jitter, so that a whole batch's retries do not arrive together
+                        delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
+                    if deadline is not None and time.monotonic() + delay >= deadline:
+                        error += f"; request deadline of {self.request_deadline_s:g} s reached"
+                        break
                     self._n_retries += 1
-                    # Exponential backoff with jitter, so that retries from a whole batch do not arrive together.
-                    await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2))
+                    await asyncio.sleep(delay)
         return self._finish(JudgeReply(text=None, error=error, attempts=attempt, endpoint=endpoint), start)
+
+    async def _attempt(self, endpoint: str, budget: float, messages: list[dict], sampling: dict) -> Any:
+        """One chat completion, ended after `budget` seconds whatever the server does."""
+        try:
+            return await asyncio.wait_for(
+                self._client(endpoint).chat.completions.create(model=self.model, messages=messages, **sampling),
+                timeout=budget)
+        except asyncio.TimeoutError:
+            raise AttemptTimeout(round(budget, 2)) from None
 
     async def complete(self, messages: list[dict], *, max_tokens: int, temperature: float,
                        top_p: Optional[float] = None, extra_body: Optional[dict] = None) -> Optional[str]:

@@ -5,10 +5,14 @@ Rules are (substring, action) pairs matched against the request's text parts; th
 An action is one of
   "500" (HTTP 500), "400" (HTTP 400), "timeout" (answer only after `timeout_sleep_s`), "malformed"
   (200, a completion without choices), "garbage" (200, not JSON), "close" (drop the connection),
+  "drip" (a valid completion whose body trickles out at `drip_bytes_per_s`), "429" / "503" (optionally
+  "429:<Retry-After value>", e.g. "429:1" or an HTTP-date),
   "hash01" ("1" or "0" from a hash of the request's messages: deterministic per image, varied across
   images), or any other string: the reply text;
 or a list of actions used one per matching request, the last one repeating (["500", "1"]: fail once,
 then answer "1"). Without a match the reply is `default_answer`.
+Like vLLM, the server lists `models` on GET /models and answers a chat for any other model with vLLM's
+404 body; with `api_key` set, a request without that bearer key gets vLLM's 401 {"error": "Unauthorized"}.
 Used for exact failure behaviour only; the end-to-end test uses the real transformers serve.
 """
 
@@ -40,13 +44,23 @@ def request_text(body: dict) -> str:
     return " ".join(parts)
 
 
+# The model names the suite's configs and tests send (configs/rl tiny, the reference judge, test names).
+DEFAULT_MODELS = ("double", "m", "Qwen/Qwen3-VL-8B-Instruct", "tiny_models/qwen3-vl-tiny")
+
+
 class DoubleServer:
-    def __init__(self, rules=None, default_answer: str = "1", delay_s: float = 0.0, timeout_sleep_s: float = 3.0):
+    def __init__(self, rules=None, default_answer: str = "1", delay_s: float = 0.0, timeout_sleep_s: float = 3.0,
+                 models=DEFAULT_MODELS, api_key=None, drip_bytes_per_s: float = 2.0):
         self.rules = [(needle, list(act) if isinstance(act, (list, tuple)) else [act]) for needle, act in rules or []]
         self.default_answer = default_answer
         self.delay_s = delay_s
         self.timeout_sleep_s = timeout_sleep_s
+        self.models = list(models)
+        self.api_key = api_key
+        self.drip_bytes_per_s = drip_bytes_per_s
         self.requests: list[dict] = []
+        self.model_lists = 0  # GET /models answered
+        self._stop = threading.Event()  # ends drip loops when the server stops
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests the server held at once (concurrency limit tests)
@@ -66,9 +80,19 @@ class DoubleServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _refused(self) -> bool:
+                if outer.api_key is None or self.headers.get("Authorization") == f"Bearer {outer.api_key}":
+                    return False
+                self._send(401, b'{"error": "Unauthorized"}')  # what vLLM --api-key answers
+                return True
+
             def do_GET(self):
+                if self._refused():
+                    return
                 if self.path.endswith("/models"):
-                    data = {"object": "list", "data": [{"id": "double", "object": "model"}]}
+                    with outer.lock:
+                        outer.model_lists += 1
+                    data = {"object": "list", "data": [{"id": m, "object": "model", "root": m} for m in outer.models]}
                     return self._send(200, json.dumps(data).encode())
                 if self.path.endswith("/health"):
                     return self._send(200, b"{}")
@@ -78,6 +102,14 @@ class DoubleServer:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 body["_authorization"] = self.headers.get("Authorization", "")
+                if self._refused():
+                    return
+                if body.get("model") not in outer.models:  # vLLM's answer, body and all
+                    with outer.lock:
+                        outer.requests.append(body)
+                    return self._send(404, json.dumps({
+                        "object": "error", "message": f"The model `{body.get('model')}` does not exist.",
+                        "type": "NotFoundError", "param": None, "code": 404}).encode())
                 with outer.lock:
                     outer.requests.append(body)
                     outer.in_flight += 1
@@ -110,6 +142,30 @@ class DoubleServer:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                if action.split(":", 1)[0] in ("429", "503"):
+                    code, _, retry_after = action.partition(":")
+                    msg = json.dumps({"error": {"message": f"injected {code}", "type": "overloaded"}}).encode()
+                    self.send_response(int(code))
+                    if retry_after:
+                        self.send_header("Retry-After", retry_after)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                if action == "drip":  # headers at once, then the body a byte at a time; ends when the client hangs up
+                    payload = json.dumps(completion("dripped")).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.flush()
+                    for i in range(len(payload)):
+                        if outer._stop.wait(1.0 / outer.drip_bytes_per_s):
+                            return
+                        self.wfile.write(payload[i:i + 1])
+                        self.wfile.flush()
+                    return
                 self._send(200, json.dumps(completion(action)).encode())
 
         class Server(ThreadingHTTPServer):
@@ -136,5 +192,6 @@ class DoubleServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -42,7 +42,7 @@ def test_success_and_stats(double_server):
 
 
 @pytest.mark.parametrize("action,needle", [
-    ("500", "HTTP 500"), ("malformed", "no choices"), ("garbage", "malformed reply"), ("close", "connection error"),
+    ("500", "HTTP 500: injected server error"), ("malformed", "no choices"), ("garbage", "malformed reply"), ("close", "connection error"),
 ])
 def test_faults_are_retried_then_give_none(make_double_server, action, needle):
     srv = make_double_server(rules=[("hello", action)])
@@ -74,7 +74,7 @@ def test_timeout(make_double_server):
 def test_client_errors_are_not_retried(make_double_server):
     srv = make_double_server(rules=[("hello", "400")])
     r = _ask(_client([srv.base_url]))
-    assert r.text is None and "HTTP 400" in r.error and r.attempts == 1 and len(srv.requests) == 1
+    assert r.text is None and r.error == "HTTP 400: injected bad request" and r.attempts == 1 and len(srv.requests) == 1
 
 
 def test_round_robin_and_failover(make_double_server, dead_url):
