@@ -18,9 +18,12 @@ The id is the `id` column when present, else the row's index over all shards (so
 
 Streams record batches (the dataset is never held in memory), resumes (a shard whose part file exists
 is skipped; images already written are kept), writes atomically (temp + rename), shows progress.
-A missing column, undecodable image, unparsable qa_list, QA without question/answer, or an instruction
-with no known task prefix stops with the file and row named, or, with --on_error skip, is skipped,
-counted and listed in <out>/skipped.jsonl.
+Every image is checked by decoding all its pixels through the image rule (etchr_rl.images: 16-bit,
+float, alpha, palette, CMYK, EXIF orientation), so a truncated or damaged file is caught here and not
+when training reaches it. A missing column, bad image, unparsable qa_list, QA without question/answer,
+or an instruction with no known task prefix stops (--on_error fail, the default; "raise" is the same)
+with the file and row named, writing no part or final JSONL for it, or, with --on_error skip, is
+skipped, counted ("skipped" in the summary) and listed in <out>/skipped.jsonl.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ast
 import glob
-import io
 import json
 import os
 import re
@@ -39,9 +41,10 @@ from typing import Any, Optional
 if __name__ == "__main__":  # run as a script: this tree's package, also from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from PIL import Image  # noqa: E402
+from PIL import ImageFile  # noqa: E402
 
 from etchr_rl.data import DataError  # noqa: E402
+from etchr_rl.images import ImageError, check_encoded  # noqa: E402
 from etchr_rl.rewards import RewardConfigError, family_of  # noqa: E402
 from etchr_rl.runtime import atomic_write_bytes, atomic_write_text, progress  # noqa: E402
 
@@ -77,13 +80,12 @@ def image_bytes(cell: Any, where: str, base_dir: Path) -> bytes:
 
 
 def check_image(data: bytes, where: str) -> str:
-    """The file extension of encoded image bytes; undecodable bytes raise DataError."""
+    """The file extension of encoded image bytes; every pixel is decoded (etchr_rl.images.check_encoded),
+    so damaged, truncated or unconvertible bytes raise DataError."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
-            im.verify()  # integrity without a full decode
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise DataError(f"{where}: image could not be decoded ({type(exc).__name__}: {exc})") from None
+        fmt, _, _ = check_encoded(data, where)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
     return EXT.get(fmt, ".png")
 
 
@@ -230,6 +232,10 @@ def prepare(inputs: list[str], out: str, on_error: str = "fail", target_column: 
     """All shards -> <out>/grpo.jsonl + images; returns a summary dict (also printed as JSON)."""
     import pyarrow.parquet as pq
 
+    if on_error not in ("fail", "raise", "skip"):
+        raise ValueError(f"on_error {on_error!r}: use fail (= raise) or skip")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # PIL's default, stated: truncated files must fail the decode
+
     shards = sorted({p for pattern in inputs for p in (glob.glob(pattern) or [pattern])})
     if not shards:
         raise DataError("no input files given")
@@ -282,7 +288,10 @@ def prepare(inputs: list[str], out: str, on_error: str = "fail", target_column: 
     atomic_write_text(jsonl, "".join(line + "\n" for line in lines))
     if skipped:
         atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps(x) + "\n" for x in skipped))
+    elif (out_dir / "skipped.jsonl").is_file():
+        (out_dir / "skipped.jsonl").unlink()  # from an earlier run over other inputs: it would misreport this one
     summary = {"files": len(shards), "rows": len(lines), "skipped": len(skipped), "jsonl": str(jsonl),
+               "skipped_rows": [{"file": x["file"], "row": x["row"]} for x in skipped],
                "ignored_columns": sorted(ignored)}
     print(json.dumps(summary))
     return summary
@@ -292,8 +301,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="parquet file paths or globs")
     ap.add_argument("--out", required=True, help="output folder (images/, grpo.jsonl)")
-    ap.add_argument("--on_error", choices=["fail", "skip"], default="fail",
-                    help="bad row (image, qa_list, instruction): stop (default) or skip and count")
+    ap.add_argument("--on_error", choices=["fail", "raise", "skip"], default="fail",
+                    help="bad row (damaged / truncated / unconvertible image, qa_list, instruction): stop naming "
+                         "file and row (fail or raise, the default) or skip, count and list it")
     ap.add_argument("--target_column", default=None,
                     help=f"target image column (default: the first of {', '.join(TARGET_COLUMNS)} present)")
     a = ap.parse_args(argv)

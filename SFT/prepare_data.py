@@ -7,12 +7,15 @@ Rows are (prompt, edit_image = INPUT, image = TARGET), image cells list<struct<b
 (DATA.md section 1.1). Writes out/images/<shard>/<row>_input.<ext> and _output.<ext> (original
 bytes, never re-encoded) and out/sft_data.csv with columns image (target), edit_image (input),
 prompt, width, height, edit_width, edit_height (DiffSynth reads the first three; the sizes spare the
-trainer opening 400K images).
+trainer opening 400K images; they are the sizes after EXIF orientation, as training decodes them).
 
 Streams record batches (the dataset is never held in memory), resumes (a shard whose part CSV exists
 is skipped; image files already written are kept), writes atomically (temp + rename), shows progress.
-A missing column or an undecodable image stops with the shard and row named, or, with
---on_error skip, is skipped, counted and listed in out/skipped.jsonl.
+Every image is checked by decoding all its pixels through the image rule (etchr_sft.images: 16-bit,
+float, alpha, palette, CMYK, EXIF orientation), so a truncated or damaged file is caught here and not
+at its first training batch. A missing column, empty prompt or bad image stops (--on_error fail, the
+default; "raise" is the same) with the shard and row named, writing no part or final CSV for it, or,
+with --on_error skip, is skipped, counted ("skipped" in the summary) and listed in out/skipped.jsonl.
 (The reference's prepare_data.py reads a `source_image` column this dataset does not have.)
 """
 
@@ -29,9 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from PIL import Image  # noqa: E402
+from PIL import ImageFile  # noqa: E402
 
 from etchr_sft.data import DataError  # noqa: E402
+from etchr_sft.images import ImageError, check_encoded  # noqa: E402
 from etchr_sft.runtime import atomic_write_bytes, atomic_write_text, progress  # noqa: E402
 
 COLUMNS = ["prompt", "edit_image", "image"]
@@ -54,14 +58,13 @@ def cell_bytes(cell, where: str) -> bytes:
 
 
 def check_image(data: bytes, where: str) -> tuple[str, int, int]:
-    """(extension, width, height) of encoded image bytes; undecodable bytes raise DataError."""
+    """(extension, width, height as training decodes it) of encoded image bytes; every pixel is decoded
+    (etchr_sft.images.check_encoded), so damaged, truncated or unconvertible bytes raise DataError."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, size = im.format, im.size
-            im.verify()  # integrity without a full decode
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise DataError(f"{where}: image could not be decoded ({type(exc).__name__}: {exc})") from None
-    return EXT.get(fmt, ".png"), size[0], size[1]
+        fmt, width, height = check_encoded(data, where)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+    return EXT.get(fmt, ".png"), width, height
 
 
 def write_if_new(path: Path, data: bytes) -> None:
@@ -120,6 +123,10 @@ def csv_text(rows: list[dict]) -> str:
 def prepare(inputs: list[str], out: str, on_error: str = "fail") -> dict:
     import pyarrow.parquet as pq
 
+    if on_error not in ("fail", "raise", "skip"):
+        raise ValueError(f"on_error {on_error!r}: use fail (= raise) or skip")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # PIL's default, stated: truncated files must fail the decode
+
     shards = sorted({p for pattern in inputs for p in (glob.glob(pattern) or [pattern])})
     for s in shards:
         if not os.path.isfile(s):
@@ -153,7 +160,10 @@ def prepare(inputs: list[str], out: str, on_error: str = "fail") -> dict:
     atomic_write_text(out / "sft_data.csv", csv_text(merged.to_dict("records")))
     if skipped:
         atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
-    summary = {"shards": len(shards), "rows": len(merged), "skipped": len(skipped), "csv": str(out / "sft_data.csv")}
+    elif (out / "skipped.jsonl").is_file():
+        (out / "skipped.jsonl").unlink()  # from an earlier run over other inputs: it would misreport this one
+    summary = {"shards": len(shards), "rows": len(merged), "skipped": len(skipped), "csv": str(out / "sft_data.csv"),
+               "skipped_rows": [{"shard": x["shard"], "row": x["row"]} for x in skipped]}
     print(json.dumps(summary))
     return summary
 
@@ -162,8 +172,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="parquet shard paths or globs")
     ap.add_argument("--out", required=True, help="output folder (images/, sft_data.csv)")
-    ap.add_argument("--on_error", choices=["fail", "skip"], default="fail",
-                    help="undecodable image / empty prompt: stop (default) or skip and count")
+    ap.add_argument("--on_error", choices=["fail", "raise", "skip"], default="fail",
+                    help="bad image (damaged, truncated, unconvertible) / empty prompt: stop naming shard and row "
+                         "(fail or raise, the default) or skip, count and list it")
     a = ap.parse_args(argv)
     try:
         prepare(a.input, a.out, a.on_error)

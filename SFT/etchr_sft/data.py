@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from PIL import Image
 
+from .images import ImageError, open_rgb8, oriented_size
+
 REFERENCE_AREA = 1024 * 1024  # Flux2KleinPipeline caps condition images at this area
 
 
@@ -62,15 +64,15 @@ class Row:
     target: str  # absolute path of the target (edited) image
     reference: str  # absolute path of the input image
     prompt: str
-    size: tuple[int, int]  # target (W, H) on disk
-    ref_size: tuple[int, int]  # reference (W, H) on disk
+    size: tuple[int, int]  # target (W, H) as decoded by the image rule (EXIF orientation applied)
+    ref_size: tuple[int, int]  # reference (W, H), likewise
 
 
 def read_csv(csv_path: str, base_path: str = "") -> list[Row]:
     """Read the DiffSynth-style CSV (image = target, edit_image = input, prompt).
 
-    Optional columns width, height, edit_width, edit_height (written by SFT/prepare_data.py) spare
-    opening every image to learn its size.
+    Optional columns width, height, edit_width, edit_height (written by SFT/prepare_data.py: sizes after
+    EXIF orientation, etchr_sft.images) spare opening every image to learn its size.
     """
     import pandas as pd
 
@@ -91,10 +93,10 @@ def read_csv(csv_path: str, base_path: str = "") -> list[Row]:
             size = (int(rec["width"]), int(rec["height"]))
             ref_size = (int(rec["edit_width"]), int(rec["edit_height"]))
         else:
-            try:
+            try:  # sizes as the image rule gives them (EXIF orientation applied)
                 with Image.open(tgt) as a, Image.open(ref) as b:
-                    size, ref_size = a.size, b.size
-            except OSError as exc:
+                    size, ref_size = oriented_size(a), oriented_size(b)
+            except Exception as exc:  # PIL raises many types for damaged headers
                 raise DataError(f"{csv_path} row {i}: cannot open image ({exc})") from None
         rows.append(Row(str(tgt), str(ref), str(rec["prompt"]), size, ref_size))
     if not rows:
@@ -149,12 +151,16 @@ class BatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _load(self, path: str, where: str) -> Image.Image:
+    def _load(self, path: str, size: tuple[int, int], where: str) -> Image.Image:
+        """8-bit RGB by the image rule (etchr_sft.images); its size must be the one the batch was planned for."""
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError as exc:
-            raise DataError(f"{where}: cannot read image {path} ({exc})") from None
+            img = open_rgb8(path, f"{where}: {path}")
+        except ImageError as exc:
+            raise DataError(str(exc)) from None
+        if img.size != tuple(size):
+            raise DataError(f"{where}: {path} decodes to {img.width}x{img.height} (EXIF orientation applied) but the "
+                            f"CSV says {size[0]}x{size[1]}; re-run SFT/prepare_data.py, which records decoded sizes")
+        return img
 
     def __getitem__(self, k: int) -> dict:
         targets, refs, prompts = [], [], []
@@ -162,8 +168,8 @@ class BatchDataset(torch.utils.data.Dataset):
             row = self.rows[i]
             tw, th = target_size(*row.size, self.max_pixels, self.multiple_of)
             rw, rh = reference_size(*row.ref_size, self.reference_resize)
-            tgt = self._load(row.target, f"row {i}")
-            ref = self._load(row.reference, f"row {i}")
+            tgt = self._load(row.target, row.size, f"row {i}")
+            ref = self._load(row.reference, row.ref_size, f"row {i}")
             if self.reference_resize == "pipeline" and ref.width * ref.height > REFERENCE_AREA:
                 ref = self.processor._resize_to_target_area(ref, REFERENCE_AREA)  # the pipeline's first step
             # resize_mode="crop": cover-resize then centre crop, as the pipeline does for references

@@ -7,7 +7,6 @@ for an item, extracts the answer from a response and scores it. The Edit-Verify-
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -76,9 +75,14 @@ def get_task(name: str) -> Task:
 # Image cells (DATA.md section 6): list<struct<bytes,path>>, a bare struct, bytes, or a path string.
 # ----------------------------------------------------------------------------------------------
 def decode_image(cell: Any, where: str = "", base_dir: str | None = None) -> Image.Image:
+    """An image cell -> 8-bit RGB by the image rule (etchr_eval.images: 16-bit, float, alpha on white,
+    palette, CMYK, EXIF orientation; every pixel decoded, so truncated files fail); every task's items
+    come through here. Any failure is an ItemError (a failure record for that item)."""
     import os
 
     import numpy as np
+
+    from ..images import ImageError, open_rgb8
 
     value = cell
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -89,15 +93,15 @@ def decode_image(cell: Any, where: str = "", base_dir: str | None = None) -> Ima
         if isinstance(value, dict):
             data, path = value.get("bytes"), value.get("path")
             if data is not None:
-                return Image.open(io.BytesIO(data)).convert("RGB")
+                return open_rgb8(bytes(data), where)
             value = path
         if isinstance(value, (bytes, bytearray)):
-            return Image.open(io.BytesIO(value)).convert("RGB")
+            return open_rgb8(value, where)
         if isinstance(value, str) and value:
             path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
-            return Image.open(path).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ItemError(f"{where}: image could not be decoded ({type(exc).__name__}: {exc})") from None
+            return open_rgb8(path, where)
+    except ImageError as exc:
+        raise ItemError(str(exc)) from None
     raise ItemError(f"{where}: no image bytes or path in cell of type {type(cell).__name__}")
 
 
