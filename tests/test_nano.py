@@ -68,6 +68,8 @@ def test_tiny_chain_results(tiny_run):
     # The VAE was trained and its latent normalisation calibrated (not the random init's stats).
     model = res["model"]
     assert model["vae_training"]["steps"] == 3 and model["vae_training"]["calibration"]["latent_var_mean"] > 0
+    assert model["vae_ceiling"]["maze"]["n"] == 3 and model["vae_ceiling"]["jigsaw"]["n"] == 1
+    assert set(res["prepare_s"]) == {"data_s", "model_s"}
     assert (out / "eval_sft_edits").is_dir() and len(list((out / "eval_sft_edits").glob("*.png"))) == 4
 
 
@@ -82,6 +84,10 @@ def test_tiny_chain_heldout_is_unseen(tiny_run):
 
     csv = pd.read_csv(out / "data" / "train" / "sft.csv", keep_default_na=False)
     assert len(csv) == 12 + 2 and all((out / "data" / "train" / p).is_file() for p in csv["image"])
+    # The sizes the export adds match the files (so the SFT reader can skip opening them).
+    for _, row in csv.iterrows():
+        with Image.open(out / "data" / "train" / row["image"]) as a, Image.open(out / "data" / "train" / row["edit_image"]) as b:
+            assert (row["width"], row["height"], row["edit_width"], row["edit_height"]) == (*a.size, *b.size)
 
 
 def test_run_refuses_an_earlier_run_dir(tiny_run):

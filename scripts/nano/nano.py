@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The nano recipe's helpers (scripts/nano/run.sh calls them; SFT and RL run through their entry points).
 
-    python scripts/nano/nano.py prepare --out-dir runs/nano [--tiny] [--n-train 30000] [--sizes 5,6,7,8] ...
+    python scripts/nano/nano.py prepare --out-dir runs/nano [--tiny] [--n-train 60000] [--sizes 5,6,7,8] ...
     python scripts/nano/nano.py eval --out-dir runs/nano --stage sft --sft-checkpoint runs/nano/sft/checkpoints/step-N
     python scripts/nano/nano.py eval --out-dir runs/nano --stage rl --rl-checkpoint runs/nano/rl/checkpoints/step-M
     python scripts/nano/nano.py eval --out-dir runs/nano --stage rl --pipe runs/nano/rl_pipeline
@@ -86,9 +86,40 @@ def cmd_model(a) -> int:
         from dataclasses import replace
 
         dims = replace(dims, **overrides)
-    nano_model.build(out / "model" / "flux2-klein-nano", dims, images, seed=a.seed, vae_steps=a.vae_steps,
-                     vae_time_s=a.vae_time_s, vae_batch=a.vae_batch, vae_lr=a.vae_lr, vae_images=a.vae_images)
+    pipe_dir = out / "model" / "flux2-klein-nano"
+    nano_model.build(pipe_dir, dims, images, seed=a.seed, vae_steps=a.vae_steps, vae_time_s=a.vae_time_s,
+                     vae_batch=a.vae_batch, vae_lr=a.vae_lr, vae_images=a.vae_images)
+    check = vae_ceiling(pipe_dir, out / "data" / "heldout" / "grpo.jsonl")
+    _write_json(out / "model" / "vae_check.json", check)
+    print(f"[model] VAE round trip of the held-out targets (the editor's ceiling): {json.dumps(check)}", flush=True)
     return 0
+
+
+def vae_ceiling(pipe_dir: Path, heldout_jsonl: Path, limit: int = 200) -> dict:
+    """The held-out metrics of the targets themselves after a VAE encode + decode: what a perfect DiT could
+    reach through this VAE (a maze exact rate below 1 means the VAE, not the editor, loses cells)."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLFlux2
+    from PIL import Image
+
+    import nano_model
+    import nano_score
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = AutoencoderKLFlux2.from_pretrained(pipe_dir / "vae").to(dev).eval()
+    rows = nano_score.read_rows(heldout_jsonl, limit)
+    per_item = []
+    for row in rows:
+        with Image.open(heldout_jsonl.parent / row["target_image"]) as im:
+            target = im.convert("RGB")
+        rec = Image.fromarray(nano_model.roundtrip(vae, np.asarray(target)[None], dev)[0])
+        if "maze_map" in row:
+            per_item.append({"family": "maze", "size": len(row["maze_map"]),
+                             **nano_score.maze_metrics(rec, row["maze_map"], row["start"], row["goal"])})
+        else:
+            per_item.append({"family": "jigsaw", "psnr": nano_score.psnr(rec, target)})
+    return nano_score.aggregate(per_item)
 
 
 def cmd_prepare(a) -> int:
@@ -184,7 +215,9 @@ def cmd_report(a) -> int:
     budget_s = round(a.budget_min * 60, 1)
     result = {"schema": RESULTS_SCHEMA, "env": _read_json(out / "env.json"), "data": _read_json(out / "data" / "data.json"),
               "model": {"dims": model.get("dims"), "parameters": model.get("parameters"),
-                        "vae_training": model.get("vae_training")},
+                        "vae_training": model.get("vae_training"),
+                        "vae_ceiling": _read_json(out / "model" / "vae_check.json")},
+              "prepare_s": _read_json(out / "prepare_times.json"),
               "stages_s": stages, "total_s": total, "budget_s": budget_s, "within_budget": total <= budget_s,
               "sft": {"steps": sft_step, "final_loss": sft_loss}, "rl": {"steps": rl_step},
               "heldout": heldout,
@@ -213,7 +246,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     data_args = argparse.ArgumentParser(add_help=False)
     p = data_args
-    p.add_argument("--n-train", type=int, default=30000, help="training mazes (before held-out copies are dropped)")
+    p.add_argument("--n-train", type=int, default=60000, help="training mazes (before held-out copies are dropped)")
     p.add_argument("--n-heldout", type=int, default=200, help="held-out mazes")
     p.add_argument("--n-rl", type=int, default=4000, help="RL prompts (the first training items of each family)")
     p.add_argument("--n-jigsaw-train", type=int, default=0)

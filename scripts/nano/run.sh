@@ -18,13 +18,15 @@
 #   OUT_DIR           runs/nano                output folder; must not hold an earlier run
 #   PYTHON            python                   interpreter (no .venv is assumed)
 #   NANO_BUDGET_MIN   20                       total wall-time budget; SFT and RL time limits derive from it
-#   SFT_TIME_S        budget / 2               SFT training-loop cap (s); also clamped so that the later
-#   RL_TIME_S         budget / 5               stages fit: the clamp keeps RESERVE_S (150 s) for evals and
-#   VAE_TIME_S        90                       process starts after SFT and RESERVE_RL_S (75 s) after RL
+#   SFT_TIME_S        auto                     SFT training-loop cap (s); auto = what is left of the budget
+#                                              after prepare, minus RL_TIME_S and RESERVE_S (180 s: SFT start
+#                                              and exit, both evals, RL start); a number is clamped likewise
+#   RL_TIME_S         budget / 5               RL training-loop cap (s), clamped to keep RESERVE_RL_S (75 s)
+#   VAE_TIME_S        90                       VAE training cap (s)
 #   SFT_STEPS / RL_STEPS   100000 / 1000       step caps (whichever of steps and time comes first)
-#   SFT_BATCH 64  SFT_LR 3e-4  SFT_WORKERS 8  SFT_COMPILE false
+#   SFT_BATCH 128  SFT_LR 3e-4  SFT_WORKERS 8  SFT_COMPILE false
 #   RL_PROMPTS 16 (prompts per iteration; G = RL_GROUP 8)  RL_SAMPLING_STEPS 8  RL_LR 1e-4
-#   N_TRAIN 30000  N_HELDOUT 200  N_RL 4000  MAZE_SIZES 5,6,7,8  SEED 0
+#   N_TRAIN 60000  N_HELDOUT 200  N_RL 4000  MAZE_SIZES 5,6,7,8  SEED 0
 #   NANO_FAMILIES     maze                     maze | maze,jigsaw (N_JIGSAW_TRAIN 5000, N_JIGSAW_HELDOUT 100)
 #   EVAL_STEPS 8  EVAL_ITEMS 0 (= all)  NANO_HIDDEN / NANO_HEADS / NANO_DOUBLE / NANO_SINGLE (0 = preset)
 set -euo pipefail
@@ -60,22 +62,22 @@ else
   SFT_EXTRA=(data.num_workers="${SFT_WORKERS:-8}" model.compile="${SFT_COMPILE:-false}")
 fi
 BUDGET_S=$(awk "BEGIN{printf \"%d\", ${NANO_BUDGET_MIN} * 60}")
-SFT_TIME_S=${SFT_TIME_S:-$((BUDGET_S / 2))}
+SFT_TIME_S=${SFT_TIME_S:-auto}
 RL_TIME_S=${RL_TIME_S:-$((BUDGET_S / 5))}
 VAE_TIME_S=${VAE_TIME_S:-90}
 VAE_STEPS=${VAE_STEPS:-3000}
 VAE_BATCH=${VAE_BATCH:-32}
-RESERVE_S=${RESERVE_S:-150}
+RESERVE_S=${RESERVE_S:-180}
 RESERVE_RL_S=${RESERVE_RL_S:-75}
 SFT_STEPS=${SFT_STEPS:-100000}
-SFT_BATCH=${SFT_BATCH:-64}
+SFT_BATCH=${SFT_BATCH:-128}
 SFT_LR=${SFT_LR:-3e-4}
 RL_STEPS=${RL_STEPS:-1000}
 RL_PROMPTS=${RL_PROMPTS:-16}
 RL_GROUP=${RL_GROUP:-8}
 RL_SAMPLING_STEPS=${RL_SAMPLING_STEPS:-8}
 RL_LR=${RL_LR:-1e-4}
-N_TRAIN=${N_TRAIN:-30000}
+N_TRAIN=${N_TRAIN:-60000}
 N_HELDOUT=${N_HELDOUT:-200}
 N_RL=${N_RL:-4000}
 MAZE_SIZES=${MAZE_SIZES:-5,6,7,8}
@@ -111,9 +113,11 @@ stage() {  # stage NAME CMD ...: echo the command, run it, append "NAME<TAB>seco
   t1=$(date +%s.%N)
   printf '%s\t%s\n' "$name" "$(awk "BEGIN{printf \"%.2f\", $t1 - $t0}")" >> "$OUT_DIR/stage_times.tsv"
 }
-clamp() {  # clamp WANTED RESERVE: min(WANTED, budget left - RESERVE), at least 10 s (0 = no limit stays 0)
+clamp() {  # clamp WANTED RESERVE: min(WANTED, budget left - RESERVE), at least 10 s; auto = budget left - RESERVE
   local left=$((BUDGET_S - SECONDS - $2))
-  if [ "$1" = 0 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo $((left > 10 ? left : 10)); else echo "$1"; fi
+  left=$((left > 10 ? left : 10))
+  if [ "$1" = auto ]; then echo "$left"; elif [ "$1" = 0 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"
+  else echo "$1"; fi
 }
 latest() { echo "$1/checkpoints/$(cat "$1/checkpoints/latest")"; }
 
