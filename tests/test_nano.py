@@ -53,6 +53,8 @@ def test_tiny_chain_results(tiny_run):
         assert maze["n"] == 3 and 0.0 <= maze["exact"] <= 1.0 and 0.0 <= maze["path_recall"] <= 1.0
         assert res["heldout"][stage]["jigsaw"]["n"] == 1
         assert res["maze_exact"][stage] == maze["exact"]
+    fixed, broke = res["maze_exact"]["rl_fixed"], res["maze_exact"]["rl_broke"]
+    assert res["maze_exact"]["rl_minus_sft"] == pytest.approx((fixed - broke) / 3, abs=1e-3)
     assert res["sft"]["steps"] == 2 and res["rl"]["steps"] == 1  # the tiny step caps, from the metrics files
     for curve in res["curves"].values():
         assert (out / curve).is_file()

@@ -228,6 +228,12 @@ def cmd_report(a) -> int:
     me = result["maze_exact"]
     if me["sft"] is not None and me["rl"] is not None:
         me["rl_minus_sft"] = round(me["rl"] - me["sft"], 4)
+        # Same items, same seeds in both evaluations: count the items RL fixed and the ones it broke.
+        before = {r["id"]: r["exact"] for r in ev["sft"]["per_item"] if r["family"] == "maze"}
+        after = {r["id"]: r["exact"] for r in ev["rl"]["per_item"] if r["family"] == "maze"}
+        common = before.keys() & after.keys()
+        me["rl_fixed"] = sum(after[i] and not before[i] for i in common)
+        me["rl_broke"] = sum(before[i] and not after[i] for i in common)
     _write_json(out / "results.json", result)
     jig = ""
     if "jigsaw" in heldout["sft"]:
@@ -235,7 +241,8 @@ def cmd_report(a) -> int:
                f"{heldout['rl']['jigsaw']['psnr_mean']:.2f} dB")
     per = ", ".join(f"{k} {v:.0f}s" for k, v in stages.items())
     n = heldout["sft"].get("maze", {}).get("n")
-    print(f"[nano] held-out maze path correctness: SFT {me['sft']:.3f} -> RL {me['rl']:.3f} (n={n}; SFT {sft_step} "
+    print(f"[nano] held-out maze path correctness: SFT {me['sft']:.3f} -> RL {me['rl']:.3f} (n={n}, RL fixed "
+          f"{me.get('rl_fixed')} / broke {me.get('rl_broke')}; SFT {sft_step} "
           f"steps, RL {rl_step} iterations){jig}; stages: {per}; total {total:.0f}s of {budget_s:.0f}s budget"
           f"{'' if result['within_budget'] else ' (OVER BUDGET)'}; {out / 'results.json'}", flush=True)
     return 0
