@@ -124,7 +124,7 @@ def generate(family: str, n: int, seed: int, sizes, workers: int) -> list:
         return []
     chunk = max(1, min(500, -(-n // max(1, workers * 4))))
     jobs = [(family, range(k, min(n, k + chunk)), seed, tuple(sizes)) for k in range(0, n, chunk)]
-    if workers <= 1 or len(jobs) == 1:
+    if workers <= 1 or n < 500:  # a process pool costs more than it saves on a few hundred items
         return [r for job in jobs for r in _make(job)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return [r for part in pool.map(_make, jobs) for r in part]

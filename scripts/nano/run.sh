@@ -46,6 +46,9 @@ export TOKENIZERS_PARALLELISM=false
 
 if [ "$NANO_TINY" = 1 ]; then
   export CUDA_VISIBLE_DEVICES=""  # CPU, even on a GPU machine
+  # One thread: minuscule matmuls gain nothing from more, and on a busy machine OpenMP's spinning
+  # threads made a tiny text-encoder call ~100x slower.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
   OUT_DIR=${OUT_DIR:-runs/nano_tiny}
   NANO_BUDGET_MIN=${NANO_BUDGET_MIN:-5}
   : "${N_TRAIN:=12}" "${N_HELDOUT:=3}" "${N_RL:=4}" "${MAZE_SIZES:=4,5}" "${N_JIGSAW_TRAIN:=2}" "${N_JIGSAW_HELDOUT:=1}"
