@@ -232,12 +232,12 @@ def _out_of_time(accelerator, limit_s: float, elapsed_s: float, device) -> bool:
     """train.time_limit_s reached? Rank 0's clock decides for all ranks (no rank may stop alone)."""
     if limit_s <= 0:
         return False
-    flag = torch.tensor([1.0 if elapsed_s >= limit_s else 0.0], device=device)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast
+    if accelerator.num_processes == 1:
+        return elapsed_s >= limit_s
+    from accelerate.utils import broadcast
 
-        flag = broadcast(flag, from_process=0)
-    return bool(flag.item() > 0)
+    flag = torch.tensor([1.0 if elapsed_s >= limit_s else 0.0], device=device)
+    return bool(broadcast(flag, from_process=0).item() > 0)
 
 
 def sample_and_score(cfg, pipe, transformer, items, it, rank, bg, judge, names) -> tuple[list, list]:
