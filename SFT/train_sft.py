@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from etchr_sft import runtime  # noqa: E402
-from etchr_sft.checkpoint import finalize, latest_checkpoint, meta, step_dir  # noqa: E402
+from etchr_sft.checkpoint import (CheckpointError, finalize, latest_checkpoint, load_training_state,  # noqa: E402
+                                  meta, repair_checkpoints, save_training_state, step_dir)
 from etchr_sft.config import ConfigError, load_sft_config, save_config, split_cli, to_container  # noqa: E402
 from etchr_sft.data import BatchDataset, DataError, bucket_key, make_batches, read_csv, shard  # noqa: E402
 from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
@@ -36,7 +37,7 @@ log = runtime.get_logger("etchr_sft")
 
 
 class Position:
-    """Where training stands; saved with every checkpoint (accelerate custom checkpoint object)."""
+    """Where training stands; saved with every checkpoint (training_state/state.json)."""
 
     def __init__(self):
         self.step, self.epoch, self.cursor = 0, 0, 0  # optimizer steps, epochs, micro-batches into the epoch
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
         cfg = load_sft_config(config_path, overrides)
         train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, runtime.RunDirLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -61,7 +62,19 @@ def main(argv=None) -> int:
 
 def train(cfg, pipe=None) -> dict:
     """Run SFT as `cfg` says. `pipe`: an already built pipeline to train instead of loading
-    model.pretrained_path (scripts/bench/bench_sft_step.py passes its in-memory 9B-shape one)."""
+    model.pretrained_path (scripts/bench/bench_sft_step.py passes its in-memory 9B-shape one).
+    Rank 0 holds run_dir/.lock for the whole run: a second trainer there stops (RunDirLocked)."""
+    if runtime.launched():
+        runtime.die_with_parent()  # a killed launcher must not leave workers writing the run dir
+    lock = runtime.RunDirLock(cfg.train.run_dir).acquire() if runtime.is_main() else None
+    try:
+        return _train(cfg, pipe)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, pipe=None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -76,6 +89,8 @@ def train(cfg, pipe=None) -> dict:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)
+        for line in repair_checkpoints(run_dir):  # leftovers of a killed save; `latest` = newest complete
+            runtime.print0(f"[sft] checkpoints: {line}")
     device = accelerator.device
 
     if pipe is None:
@@ -112,8 +127,6 @@ def train(cfg, pipe=None) -> dict:
     _fill_deepspeed_config(accelerator, cfg)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     position = Position()
-    accelerator.register_for_checkpointing(lr_scheduler, position)
-    _register_lora_hooks(accelerator, cfg.lora.enabled)
 
     n_trainable = sum(p.numel() for p in params)
     runtime.print0(
@@ -130,7 +143,10 @@ def train(cfg, pipe=None) -> dict:
     elif cfg.train.resume != "never":
         resume_from = Path(cfg.train.resume)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "training_state"), **_deepspeed_lora_kwargs(accelerator, "load", lora_info))
+        saved = load_training_state(resume_from / "training_state", accelerator, transformer, optimizer, lr_scheduler,
+                                    lora=bool(lora_info),
+                                    deepspeed_kwargs=_deepspeed_lora_kwargs(accelerator, "load", lora_info))
+        position.load_state_dict(saved)
         runtime.print0(f"[sft] resumed from {resume_from} at step {position.step} (epoch {position.epoch}, "
                        f"batch {position.cursor})")
 
@@ -205,7 +221,7 @@ def train(cfg, pipe=None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if position.step % cfg.train.checkpoint_every == 0 or (last and cfg.train.save_final):
-                save_checkpoint(accelerator, transformer, cfg, position, lora_info)
+                save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, position, lora_info)
             if cfg.train.validate_every and (position.step % cfg.train.validate_every == 0 or last):
                 validate(accelerator, pipe, transformer, cfg, rows, position.step, metrics)
             if last:
@@ -265,34 +281,7 @@ def _peak_memory(accelerator, device) -> dict:
 
 
 # ================================================================ save
-def _register_lora_hooks(accelerator, lora: bool) -> None:
-    """With LoRA, training_state holds only the trainable weights, not 9 B frozen ones."""
-    if not lora:
-        return
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for m in models:
-                sd = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(m)).items()}
-                save_file(sd, os.path.join(output_dir, "trainable.safetensors"))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            m = models.pop()
-            sd = load_file(os.path.join(input_dir, "trainable.safetensors"))
-            result = set_peft_model_state_dict(accelerator.unwrap_model(m), sd)
-            if getattr(result, "unexpected_keys", None):
-                raise RuntimeError(f"{input_dir}: unexpected LoRA keys {result.unexpected_keys[:5]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_checkpoint(accelerator, transformer, cfg, position: Position, lora_info) -> Path:
+def save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, position: Position, lora_info) -> Path:
     final = step_dir(cfg.train.run_dir, position.step)
     tmp = final.parent / f".{final.name}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -300,7 +289,9 @@ def save_checkpoint(accelerator, transformer, cfg, position: Position, lora_info
 
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "training_state"), **_deepspeed_lora_kwargs(accelerator, "save", lora_info))
+    save_training_state(tmp / "training_state", accelerator, transformer, optimizer, lr_scheduler,
+                        position.state_dict(), lora=bool(lora_info),
+                        deepspeed_kwargs=_deepspeed_lora_kwargs(accelerator, "save", lora_info))
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(transformer)
         if lora_info:

@@ -73,8 +73,10 @@ def normalise_lora_keys(state: dict) -> dict:
 def read_lora(path: str | os.PathLike, alpha: Optional[float] = None) -> tuple[dict, float, int]:
     """Load a LoRA file -> (diffusers-named state dict, alpha, rank).
 
-    Alpha comes from the argument, else the safetensors metadata `lora_adapter_metadata`, else
-    meta.json beside the file; a file with no recorded alpha is an error (CHECKPOINTS.md section 2).
+    Rank comes from the lora_A tensors (a header or meta.json rank that disagrees is an error). Alpha
+    comes from the argument, else the safetensors metadata `lora_adapter_metadata`, else meta.json
+    beside the file, and those two records must agree; a file with no recorded alpha is an error
+    (CHECKPOINTS.md section 2).
     """
     from safetensors import safe_open
 
@@ -89,12 +91,23 @@ def read_lora(path: str | os.PathLike, alpha: Optional[float] = None) -> tuple[d
     if len(ranks) != 1:
         raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks) or 'no lora_A keys'}")
     rank = ranks.pop()
-    if alpha is None and "lora_adapter_metadata" in metadata:
+    header, meta_json = {}, path.parent / "meta.json"
+    if "lora_adapter_metadata" in metadata:
         md = json.loads(metadata["lora_adapter_metadata"])  # diffusers prefixes keys with "transformer."
-        alpha = md.get("lora_alpha", md.get("transformer.lora_alpha"))
-    meta_json = path.parent / "meta.json"
-    if alpha is None and meta_json.is_file():
-        alpha = (json.loads(meta_json.read_text()).get("lora") or {}).get("alpha")
+        header = {"alpha": md.get("lora_alpha", md.get("transformer.lora_alpha")),
+                  "rank": md.get("r", md.get("transformer.r"))}
+    recorded = (json.loads(meta_json.read_text()).get("lora") or {}) if meta_json.is_file() else {}
+    where = {"header": f"{path} (header lora_adapter_metadata)", "meta": f"{meta_json} (lora)"}
+    for name, rec in (("header", header), ("meta", recorded)):
+        if rec.get("rank") is not None and int(rec["rank"]) != rank:  # alpha / wrong rank = wrong strength
+            raise ValueError(f"LoRA rank mismatch: {where[name]} says rank {rec['rank']}, the lora_A tensors of "
+                             f"{path} have rank {rank}")
+    if header.get("alpha") is not None and recorded.get("alpha") is not None \
+            and float(header["alpha"]) != float(recorded["alpha"]):
+        raise ValueError(f"LoRA alpha mismatch: {where['header']} says alpha {float(header['alpha']):g}, "
+                         f"{where['meta']} says alpha {float(recorded['alpha']):g}")
+    if alpha is None:
+        alpha = header.get("alpha") if header.get("alpha") is not None else recorded.get("alpha")
     if alpha is None:
         raise ValueError(f"{path}: LoRA alpha is not recorded (no lora_adapter_metadata in the file header, "
                          f"no lora.alpha in {meta_json}); pass editor.lora_alpha explicitly")
