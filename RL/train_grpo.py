@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from etchr_rl import runtime  # noqa: E402
 from etchr_rl.advantages import combine, dist_gather, gdpo, zero_variance_fraction  # noqa: E402
-from etchr_rl.checkpoint import finalize, latest_checkpoint, meta, step_dir  # noqa: E402
+from etchr_rl.checkpoint import (finalize, latest_checkpoint, load_training_state, meta,  # noqa: E402
+                                 repair_checkpoints, save_training_state, step_dir)
 from etchr_rl.config import ConfigError, load_rl_config, save_config, split_cli, to_container  # noqa: E402
 from etchr_rl.lora import save_lora  # noqa: E402
 from etchr_rl.model import DTYPES, add_lora, apply_speed_options, load_pipeline, lora_target_names, velocity  # noqa: E402
@@ -45,6 +46,8 @@ JUDGED = {"guidance", "correctness"}  # rewards that call the MLLM judge
 
 
 class Position:
+    """Where training stands; saved with every checkpoint (training_state/state.json)."""
+
     def __init__(self):
         self.step, self.iteration = 0, 0  # optimizer steps; rollout/train iterations done
 
@@ -82,13 +85,27 @@ def main(argv=None) -> int:
     except RewardFailure as exc:
         print(f"aborted: {exc}", file=sys.stderr)
         return 3
-    except (ConfigError, FileNotFoundError, ValueError, JudgeUnreachable) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, JudgeUnreachable, runtime.RunDirLocked) as exc:
+        # ValueError includes CheckpointError: a training_state that is not ours / was altered
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
 def train(cfg) -> dict:
+    """Run GRPO as `cfg` says. Rank 0 holds run_dir/.lock for the whole run: a second trainer there stops
+    (RunDirLocked)."""
+    if runtime.launched():
+        runtime.die_with_parent()  # a killed launcher must not leave workers writing the run dir
+    lock = runtime.RunDirLock(cfg.train.run_dir).acquire() if runtime.is_main() else None
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -113,6 +130,8 @@ def train(cfg) -> dict:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)
+        for line in repair_checkpoints(run_dir):  # leftovers of a killed save; `latest` = newest complete
+            runtime.print0(f"[rl] checkpoints: {line}")
 
     prompts = read_jsonl(cfg.data.jsonl, cfg.data.root)
     names = list(cfg.reward.weights)
@@ -144,8 +163,6 @@ def train(cfg) -> dict:
                                   weight_decay=cfg.optim.weight_decay)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     position = Position()
-    accelerator.register_for_checkpointing(position)
-    _register_lora_hooks(accelerator)
     runtime.print0(f"[rl] {len(prompts)} prompts; {world} rank(s) x {cfg.train.prompts_per_step} prompt(s) x G={G} "
                    f"= {samples_per_iter * world} rollouts per iteration; {S} SDE steps, {n_train} trained per "
                    f"sample; accumulation {cfg.train.grad_accum} samples -> {steps_per_iter} optimizer steps per "
@@ -158,7 +175,8 @@ def train(cfg) -> dict:
     elif cfg.train.resume != "never":
         resume_from = Path(cfg.train.resume)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "training_state"))
+        position.load_state_dict(load_training_state(resume_from / "training_state", accelerator, model, optimizer,
+                                                     None, lora=True))
         runtime.print0(f"[rl] resumed from {resume_from} at step {position.step} (iteration {position.iteration})")
 
     sigmas = sigma_schedule(S, s.shift)
@@ -213,7 +231,7 @@ def train(cfg) -> dict:
             crossed = position.step // cfg.train.checkpoint_every != (position.step - steps_per_iter) // cfg.train.checkpoint_every
             timed_out = _out_of_time(accelerator, cfg.train.time_limit_s, time.time() - t_start, device)
             if crossed or position.step >= cfg.train.max_steps or timed_out:
-                save_checkpoint(accelerator, model, cfg, position, lora_info)
+                save_checkpoint(accelerator, model, optimizer, cfg, position, lora_info)
     finally:
         bar.close()
         metrics.close()
@@ -378,28 +396,7 @@ def _train_micro_batch(cfg, accelerator, model, unwrapped, pipe, g, mb, adv, sig
 
 
 # ================================================================ save
-def _register_lora_hooks(accelerator) -> None:
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for m in models:
-                sd = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(m)).items()}
-                save_file(sd, os.path.join(output_dir, "trainable.safetensors"))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            m = models.pop()
-            set_peft_model_state_dict(accelerator.unwrap_model(m), load_file(os.path.join(input_dir, "trainable.safetensors")))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_checkpoint(accelerator, model, cfg, position: Position, lora_info) -> Path:
+def save_checkpoint(accelerator, model, optimizer, cfg, position: Position, lora_info) -> Path:
     import shutil
 
     final = step_dir(cfg.train.run_dir, position.step)
@@ -407,7 +404,7 @@ def save_checkpoint(accelerator, model, cfg, position: Position, lora_info) -> P
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "training_state"))
+    save_training_state(tmp / "training_state", accelerator, model, optimizer, None, position.state_dict(), lora=True)
     if accelerator.is_main_process:
         save_lora(accelerator.unwrap_model(model), tmp, lora_info["rank"], lora_info["alpha"], lora_info["targets"])
         finalize(tmp, final, meta(kind="lora", step=position.step, base_model=cfg.model.pretrained_path,

@@ -41,8 +41,10 @@ def normalise_lora_keys(state: dict) -> dict:
 
 
 def read_lora(path: str | Path, alpha: Optional[float] = None) -> tuple[dict, float, int]:
-    """(diffusers-named state dict, alpha, rank). Alpha: argument, else the file's metadata, else
-    meta.json beside it; never guessed (a merge with a guessed alpha silently changes the model)."""
+    """(diffusers-named state dict, alpha, rank). Rank: the lora_A tensors' (a header or meta.json
+    rank that disagrees is an error). Alpha: argument, else the file's metadata, else meta.json beside
+    it, and the two records must agree; never guessed (a merge with a guessed alpha silently changes
+    the model)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -57,16 +59,28 @@ def read_lora(path: str | Path, alpha: Optional[float] = None) -> tuple[dict, fl
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
     if len(ranks) != 1:
         raise ValueError(f"{path}: expected one LoRA rank, found {sorted(ranks) or 'no lora_A keys'}")
-    if alpha is None and "lora_adapter_metadata" in metadata:
+    rank = ranks.pop()
+    header, meta_json = {}, path.parent / "meta.json"
+    if "lora_adapter_metadata" in metadata:
         md = json.loads(metadata["lora_adapter_metadata"])  # diffusers prefixes keys with "transformer."
-        alpha = md.get("lora_alpha", md.get("transformer.lora_alpha"))
-    meta_json = path.parent / "meta.json"
-    if alpha is None and meta_json.is_file():
-        alpha = (json.loads(meta_json.read_text()).get("lora") or {}).get("alpha")
+        header = {"alpha": md.get("lora_alpha", md.get("transformer.lora_alpha")),
+                  "rank": md.get("r", md.get("transformer.r"))}
+    recorded = (json.loads(meta_json.read_text()).get("lora") or {}) if meta_json.is_file() else {}
+    where = {"header": f"{path} (header lora_adapter_metadata)", "meta": f"{meta_json} (lora)"}
+    for name, rec in (("header", header), ("meta", recorded)):
+        if rec.get("rank") is not None and int(rec["rank"]) != rank:  # alpha / wrong rank = wrong strength
+            raise ValueError(f"LoRA rank mismatch: {where[name]} says rank {rec['rank']}, the lora_A tensors of "
+                             f"{path} have rank {rank}")
+    if header.get("alpha") is not None and recorded.get("alpha") is not None \
+            and float(header["alpha"]) != float(recorded["alpha"]):
+        raise ValueError(f"LoRA alpha mismatch: {where['header']} says alpha {float(header['alpha']):g}, "
+                         f"{where['meta']} says alpha {float(recorded['alpha']):g}")
+    if alpha is None:
+        alpha = header.get("alpha") if header.get("alpha") is not None else recorded.get("alpha")
     if alpha is None:
         raise ValueError(f"{path}: LoRA alpha is not recorded (no lora_adapter_metadata in the header, no "
                          f"lora.alpha in {meta_json}); pass --alpha")
-    return state, float(alpha), ranks.pop()
+    return state, float(alpha), rank
 
 
 def fuse_lora(transformer, state: dict, alpha: float, rank: int, scale: float = 1.0) -> int:

@@ -95,6 +95,82 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# One live writer per run dir, and workers that die with their launcher (same as Evaluation's copy).
+# ----------------------------------------------------------------------------------------------
+class RunDirLocked(RuntimeError):
+    """Another live process holds the run dir; the message names its pid and host."""
+
+
+class RunDirLock:
+    """An advisory lock on `<run_dir>/.lock` (fcntl.flock), held for the life of the process.
+
+    The kernel releases it when the holder dies (kill -9 included), so a stale lock never blocks a
+    rerun. The holder's pid, host and start time are written into the file for the error message.
+    Only rank 0 of a launched run takes it (the other ranks share the run).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunDirLock":
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown holder"
+            os.close(fd)
+            raise RunDirLocked(f"{self.path.parent}: another training or evaluation is writing here ({holder}); "
+                               "wait for it, stop it, or use another train.run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG).
+
+    torchrun starts its workers in their own process groups, so killing the launcher's group would
+    leave them running (and racing a rerun). Called at start-up by launched workers; returns False
+    where the call does not exist.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def launched() -> bool:
+    """Started by torchrun / accelerate launch (they set LOCAL_RANK and WORLD_SIZE)?"""
+    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
 def git_sha(default: str = "unknown") -> str:
     """The commit of the checkout this code runs from (recorded in results and meta.json)."""
     try:
@@ -124,6 +200,7 @@ class MetricsWriter:
         if not is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut_torn_tail(self.path)  # a kill -9 mid-write leaves half a row; appending after it would glue two
         self._file = open(self.path, "a", encoding="utf-8")
         if wandb_enabled:
             import wandb  # imported lazily: optional at run time
@@ -159,9 +236,51 @@ class MetricsWriter:
         self.close()
 
 
+def cut_torn_tail(path: str | os.PathLike) -> int:
+    """Truncate a JSONL file after its last newline (drops a row torn by a kill mid-write); returns the
+    number of bytes cut (0 when the file ends with a newline or does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            f.seek(max(0, end - 65536))
+            chunk = f.read(end - max(0, end - 65536))
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                end = max(0, end - len(chunk)) + nl + 1
+                break
+            end = max(0, end - len(chunk))
+        if end < size:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+        return size - end
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl. An unterminated last line (a row being written, or torn by a kill)
+    is left out; a broken line elsewhere is an error naming the file and line."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: what follows the last newline ("" when none)
+    rows = []
+    for n, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {n} is not JSON ({exc})") from None
+    if tail.strip():
+        try:
+            rows.append(json.loads(tail))
+        except json.JSONDecodeError:
+            pass  # torn or still being written
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
