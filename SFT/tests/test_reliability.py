@@ -27,7 +27,8 @@ CONFIG = str(REPO / "configs" / "sft" / "tiny_demo.yaml")
 
 
 def trainer(tiny_models, csv, run_dir, *extra):
-    cmd = [sys.executable, str(SFT_DIR / "train_sft.py"), "--config", CONFIG, f"model.pretrained_path={tiny_models.flux}",
+    cmd = [sys.executable, str(SFT_DIR / "train_sft.py"), "--config", CONFIG,
+           f"model.pretrained_path={tiny_models.flux}",
            f"data.csv={csv}", f"train.run_dir={run_dir}", "data.max_pixels=6144", "train.checkpoint_every=2", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -235,7 +236,8 @@ def test_lora_rank_comes_from_the_tensors_and_alphas_must_agree(tmp_path):
 def test_merge_refuses_disagreeing_alphas(tiny_models, tmp_path):
     d = write_lora(tmp_path / "lora", header_alpha=8.0)
     res = subprocess.run([sys.executable, str(SFT_DIR / "merge_lora.py"), "--base", str(tiny_models.flux), "--lora",
-                          str(d), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
+                          str(d), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
     assert res.returncode == 2 and "LoRA alpha mismatch" in res.stderr and "alpha 8" in res.stderr
     assert not (tmp_path / "out").exists()
 
