@@ -143,6 +143,31 @@ def test_state_round_trip_is_exact(tmp_path):
     assert sched2.get_last_lr() == expect_lr and opt2.param_groups[0]["betas"] == (0.9, 0.95)
 
 
+def test_deepspeed_engine_loads_become_weights_only(tmp_path):
+    """DeepSpeed's own checkpoint engine unpickles with weights_only=False; the patched one loads what
+    a ZeRO checkpoint holds (loss scaler, stage enum, tensors) and refuses a payload, naming the file."""
+    ce_mod = pytest.importorskip("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine")
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    engine = SimpleNamespace(checkpoint_engine=ce_mod.TorchCheckpointEngine())
+    checkpoint._safe_deepspeed_loads(engine)
+    good = {"loss_scaler": DynamicLossScaler(2 ** 16, 1000, 1, 1, False, True, torch.bfloat16),
+            "zero_stage": ZeroStageEnum.gradients, "param_shapes": [{"w": torch.Size([3, 4])}],
+            "base_optimizer_state": {"state": {0: {"exp_avg": torch.ones(3)}},
+                                     "param_groups": [{"betas": (0.9, 0.99)}]},
+            "sparse_tensor_module_names": set(), "ds_version": "0.19"}
+    engine.checkpoint_engine.save(good, str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    out = engine.checkpoint_engine.load(str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), map_location="cpu")
+    assert out["loss_scaler"].cur_scale == 2 ** 16 and out["zero_stage"] == ZeroStageEnum.gradients
+    assert torch.equal(out["base_optimizer_state"]["state"][0]["exp_avg"], torch.ones(3))
+    marker, bad = tmp_path / "PWNED", tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": Payload(marker)}, bad)
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: refused to load"):
+        engine.checkpoint_engine.load(str(bad))
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------ latest pointer, torn metrics
 def test_kill_between_rename_and_pointer(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
