@@ -21,6 +21,7 @@ import importlib.util
 import io
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,12 +66,31 @@ def data_uri(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the step gets SIGKILL when the demo dies, even by SIGKILL (no step runs on orphaned)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def run_step(title: str, cmd: list[str]) -> None:
+    """Run one entry script; it and everything it starts (own process group) end with this call."""
     import subprocess
 
     print(f"      $ {' '.join(str(c) for c in cmd)}", flush=True)
     t0 = time.time()
-    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        rc = proc.wait()
+    finally:  # normal end, failure, Ctrl-C or SIGTERM: the step's whole group goes (its leftovers too)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, cmd)
     print(f"      {title} done in {time.time() - t0:.1f} s", flush=True)
 
 
@@ -80,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--items", type=int, default=2, help="items per procedural family of the embedded benchmark")
     args = ap.parse_args(argv)
+    # SIGTERM (a test's teardown, a scheduler) unwinds like Ctrl-C: the server and the running step stop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
