@@ -1,25 +1,31 @@
-"""Protocol prompts are byte-identical to ../shared/protocol/prompts (the source of truth)."""
+"""Protocol prompts are byte-identical to the project's canonical copy, protocol/prompts/ (and, where the
+team's ../shared/protocol/prompts is beside the checkout, that copy too)."""
 
 from pathlib import Path
 
 import pytest
 
-from etchr_eval.prompts import PROMPT_DIR, load_prompt
+from etchr_eval.prompts import load_prompt
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "protocol" / "prompts"
+HERE = Path(__file__).resolve().parent
+# This tree's files by their place on disk (not the installed package): a plain clone tests its own copies.
+PROMPT_DIR = HERE.parent / "etchr_eval" / "prompts"
+CANONICAL = HERE.parents[1] / "protocol" / "prompts"
+SHARED = HERE.parents[2] / "shared" / "protocol" / "prompts"  # optional: only beside the team checkout
 
 
 def test_protocol_prompt_copies_are_byte_identical():
-    if not SHARED.is_dir():
-        pytest.skip("../shared/protocol/prompts is not beside this checkout")
     ours = sorted(PROMPT_DIR.glob("*.txt"))
-    shared_names = {p.name for p in SHARED.glob("*.txt")}
-    checked = 0
+    assert len(ours) >= 11, PROMPT_DIR
     for p in ours:
-        if p.name in shared_names:
-            assert p.read_bytes() == (SHARED / p.name).read_bytes(), p.name
-            checked += 1
-    assert checked >= 7
+        canonical = CANONICAL / p.name
+        assert canonical.is_file(), f"{p.name}: not in protocol/prompts/ (every package prompt has a canonical copy)"
+        assert p.read_bytes() == canonical.read_bytes(), p.name
+    if SHARED.is_dir():  # the canonical copy itself against the team's source, where it exists
+        shared = sorted(SHARED.glob("*.txt"))
+        assert len(shared) >= 7
+        for s in shared:
+            assert (CANONICAL / s.name).read_bytes() == s.read_bytes(), s.name
 
 
 def test_known_texts_and_errors():

@@ -1,4 +1,5 @@
-"""Reward prompts are byte-identical to ../shared/protocol/prompts (the source of truth) and load by name."""
+"""Reward prompts are byte-identical to the project's canonical copy, protocol/prompts/ (and, where the team's
+../shared/protocol/prompts is beside the checkout, that copy too), and load by name."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from etchr_rl.prompts import PROMPT_DIR, known_prompts, load_prompt, prompt_versions
+from etchr_rl.prompts import known_prompts, load_prompt, prompt_versions
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "protocol" / "prompts"
+HERE = Path(__file__).resolve().parent
+# This tree's files by their place on disk (not the installed package): a plain clone tests its own copies.
+PROMPT_DIR = HERE.parent / "etchr_rl" / "prompts"
+CANONICAL = HERE.parents[1] / "protocol" / "prompts"
+SHARED = HERE.parents[2] / "shared" / "protocol" / "prompts"  # optional: only beside the team checkout
 OURS = ["reward_guidance_answer_v1", "reward_guidance_judge_v1", "reward_correct_box_v1", "reward_correct_maze_v1",
         "reward_correct_jigsaw_v1", "reward_correct_3d_v1"]
 
@@ -18,10 +23,11 @@ def test_the_reward_prompts_are_all_here():
 
 
 def test_protocol_prompt_copies_are_byte_identical():
-    if not SHARED.is_dir():
-        pytest.skip("../shared/protocol/prompts is not beside this checkout")
+    assert sorted(p.stem for p in PROMPT_DIR.glob("*.txt")) == sorted(OURS), PROMPT_DIR
     for name in OURS:
-        assert (PROMPT_DIR / f"{name}.txt").read_bytes() == (SHARED / f"{name}.txt").read_bytes(), name
+        assert (PROMPT_DIR / f"{name}.txt").read_bytes() == (CANONICAL / f"{name}.txt").read_bytes(), name
+        if SHARED.is_dir():  # the canonical copy against the team's source, where it exists
+            assert (CANONICAL / f"{name}.txt").read_bytes() == (SHARED / f"{name}.txt").read_bytes(), name
 
 
 def test_known_texts_placeholders_and_errors():
