@@ -1,15 +1,17 @@
-"""scripts/rl/serve_judge.sh with a stand-in `vllm` (a static HTTP server answering /health): one server
-per GPU on consecutive ports, the judge.endpoints line, the key kept out of the log, and no server left
-behind when the script is stopped or a server dies."""
+"""scripts/rl/serve_judge.sh with the stand-in `vllm` (tests/fakes/vllm): one server per GPU on consecutive
+ports, the judge.endpoints line, the key passed as $VLLM_API_KEY (never on the command line nor in the
+log) and enforced, and no server left behind when the script is stopped or a server dies."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,16 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "rl" / "serve_judge.sh"
 
-FAKE_VLLM = """#!/usr/bin/env bash
-# Stand-in for `vllm serve MODEL ... --host H --port P ...`: records its arguments, serves /health.
-echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> "$FAKE_LOG"
-while [ $# -gt 0 ]; do
-  case "$1" in --port) port=$2; shift;; --host) host=$2; shift;; esac
-  shift
-done
-mkdir -p "$FAKE_ROOT/$port" && touch "$FAKE_ROOT/$port/health"
-exec "$FAKE_PY" -m http.server "$port" --bind "$host" --directory "$FAKE_ROOT/$port"
-"""
+FAKE_VLLM = REPO / "tests" / "fakes" / "vllm"  # the shared stand-in: /health, /v1/models, chat
 
 
 def _free_pair() -> int:
@@ -57,12 +50,21 @@ def _listening(port: int) -> bool:
 
 @pytest.fixture
 def fake_vllm(tmp_path):
-    exe = tmp_path / "vllm"
-    exe.write_text(FAKE_VLLM)
-    exe.chmod(0o755)
-    env = dict(os.environ, VLLM=str(exe), FAKE_LOG=str(tmp_path / "calls.log"), FAKE_ROOT=str(tmp_path / "www"),
-               FAKE_PY=sys.executable, LOG_DIR=str(tmp_path / "logs"), READY_TIMEOUT="60")
+    env = dict(os.environ, VLLM=str(FAKE_VLLM), FAKE_VLLM_LOG=str(tmp_path / "calls.jsonl"),
+               LOG_DIR=str(tmp_path / "logs"), READY_TIMEOUT="60")
+    env.pop("VLLM_API_KEY", None)
     return env, tmp_path
+
+
+def _models_status(port: int, key) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
+                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert json.load(r)["data"][0]["id"] == "Qwen/Qwen3-VL-8B-Instruct"
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_serves_one_judge_per_gpu_and_stops_them(fake_vllm):
@@ -84,14 +86,19 @@ def test_serves_one_judge_per_gpu_and_stops_them(fake_vllm):
         text = "".join(out)
         assert (f"judge.endpoints=[http://127.0.0.1:{port}/v1,http://127.0.0.1:{port + 1}/v1] "
                 f"judge.model=Qwen/Qwen3-VL-8B-Instruct") in text, text
-        assert "sekrit-key" not in text and "--api-key ***" in text  # echoed commands hide the key
-        calls = (tmp / "calls.log").read_text().splitlines()
+        assert "sekrit-key" not in text and "VLLM_API_KEY" in text  # the key is never printed
+        calls = [json.loads(line) for line in (tmp / "calls.jsonl").read_text().splitlines()]
         assert len(calls) == 2
-        assert calls[0].startswith("CUDA_VISIBLE_DEVICES=0 serve Qwen/Qwen3-VL-8B-Instruct")
-        assert calls[1].startswith("CUDA_VISIBLE_DEVICES=1 ")
-        assert f"--host 127.0.0.1 --port {port + 1}" in calls[1] and "--api-key sekrit-key" in calls[1]
-        assert calls[1].endswith("--max-num-seqs 8")  # extra arguments pass through
-        assert _listening(port) and _listening(port + 1)
+        assert [c["cuda_visible_devices"] for c in calls] == ["0", "1"]
+        assert calls[0]["argv"][:2] == ["serve", "Qwen/Qwen3-VL-8B-Instruct"]
+        argv = " ".join(calls[1]["argv"])
+        assert f"--host 127.0.0.1 --port {port + 1}" in argv
+        assert all(c["vllm_api_key_env"] and "--api-key" not in c["argv"] and "sekrit-key" not in " ".join(c["argv"])
+                   for c in calls)  # through the environment, so ps never shows it
+        assert calls[1]["argv"][-2:] == ["--max-num-seqs", "8"]  # extra arguments pass through
+        assert _models_status(port, "sekrit-key") == 200 and _models_status(port + 1, None) == 401
+        logs = "".join(p.read_text() for p in (tmp / "logs").iterdir())
+        assert "sekrit-key" not in logs
     finally:
         os.kill(proc.pid, signal.SIGTERM)  # the script (its trap stops the servers)
         proc.wait(timeout=30)

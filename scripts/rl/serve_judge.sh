@@ -4,18 +4,19 @@
 # until every server answers /health (READY_TIMEOUT seconds), then prints the judge.endpoints override
 # for RL training. Ctrl-C, or killing this script, stops every server it started.
 #
-#   NGPU=4 bash scripts/rl/serve_judge.sh
+#   NGPU=4 bash scripts/rl/serve_judge.sh &     (it blocks while serving: & or another shell)
 #   -> judge.endpoints=[http://127.0.0.1:8000/v1,...,http://127.0.0.1:8003/v1] judge.model=Qwen/Qwen3-VL-8B-Instruct
 #   MODEL_PATH=/models/Qwen3-VL-8B-Instruct HOST=0.0.0.0 NGPU=8 bash scripts/rl/serve_judge.sh --max-num-seqs 256
 #
 # HOST=0.0.0.0 (judges on other nodes than the trainer) exposes the servers: set ETCHR_JUDGE_API_KEY,
-# which vLLM then requires and the RL judge client sends (judge.api_key_env). Extra arguments pass
+# which vLLM then requires and the RL judge client sends (judge.api_key_env); it reaches vLLM as
+# $VLLM_API_KEY, never on its command line (where ps shows it) nor in the log. Extra arguments pass
 # through to `vllm serve`. vllm usually lives in its own environment (it pins torch): set VLLM=path/to/vllm.
 set -euo pipefail
 
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-VL-8B-Instruct}   # local folder or hub id
 SERVED_MODEL_NAME=${SERVED_MODEL_NAME:-Qwen/Qwen3-VL-8B-Instruct}  # = judge.model (the RL config default)
-NGPU=${NGPU:-1}                       # servers, one GPU each
+NGPU=${NGPU:-${NUM_GPUS:-1}}          # servers, one GPU each (NUM_GPUS, launch_vllm.sh's name, works too)
 FIRST_GPU=${FIRST_GPU:-0}
 HOST=${HOST:-127.0.0.1}
 BASE_PORT=${BASE_PORT:-8000}
@@ -47,17 +48,16 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-key_args=()
-[ -n "$API_KEY" ] && key_args=(--api-key "$API_KEY")
+# The key goes through the environment: an --api-key argument would show in ps.
+if [ -n "$API_KEY" ]; then export VLLM_API_KEY="$API_KEY"; fi
 
 for i in $(seq 0 $((NGPU - 1))); do
   port=$((BASE_PORT + i))
   cmd=(env CUDA_VISIBLE_DEVICES=$((FIRST_GPU + i)) "$VLLM" serve "$MODEL_PATH" --served-model-name "$SERVED_MODEL_NAME"
        --host "$HOST" --port "$port" --max-model-len "$MAX_MODEL_LEN"
        --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" --limit-mm-per-prompt '{"image": 2}'
-       ${key_args[@]+"${key_args[@]}"} "$@")
-  # Echo the command without the key itself.
-  echo "[serve_judge] ${cmd[*]}" | sed -e "s/--api-key [^ ]*/--api-key ***/"
+       "$@")
+  echo "[serve_judge] ${cmd[*]}${API_KEY:+ (API key from \$ETCHR_JUDGE_API_KEY as \$VLLM_API_KEY)}"
   "${cmd[@]}" >"$LOG_DIR/judge_$port.log" 2>&1 &
   pids+=($!)
 done
