@@ -47,9 +47,18 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+# Served names that do not spell the model out: the reference's launch_vllm.sh serves Qwen3-VL-8B as "qwen3".
+ALIASES = {"qwen3": "Qwen3-VL-8B"}
+
+
 def paper_model(mllm_model: Optional[str]) -> Optional[str]:
-    """The paper's MLLM that `mllm_model` names ("Qwen/Qwen3-VL-8B-Instruct" -> "Qwen3-VL-8B"), else None."""
-    key = _key(mllm_model or "")
+    """The paper's MLLM that `mllm_model` names, else None: "Qwen/Qwen3-VL-8B-Instruct" (our launchers'
+    served name), "Qwen3-VL-8B-Instruct", ".../models/Qwen3-VL-8B-Instruct" and "qwen3" -> "Qwen3-VL-8B"."""
+    name = (mllm_model or "").rstrip("/")
+    alias = ALIASES.get(name.rsplit("/", 1)[-1].lower())
+    if alias is not None:
+        return alias
+    key = _key(name)
     return next((name for name in PAPER if _key(name) in key), None)
 
 

@@ -237,3 +237,82 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# inference_dl3dv.py --result_file: the reference's rows, appended per item, rewritten at the end
+# ----------------------------------------------------------------------------------------------
+FAKE_VLLM = REPO / "tests" / "fakes" / "vllm"
+
+
+@pytest.fixture
+def fake_vllm_server(tmp_path):
+    """The stand-in `vllm serve` (tests/fakes/vllm) on a free port; its process group is killed at the end."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(FAKE_VLLM), "serve", "/models/Qwen3-VL-8B-Instruct",
+                             "--served-model-name", "Qwen/Qwen3-VL-8B-Instruct", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "stand-in vllm did not start"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def test_result_file_rows_keep_reference_types_one_per_item_in_order(tiny_models, dl3dv_parquet, tmp_path,
+                                                                     fake_vllm_server):
+    result_file = tmp_path / "dl3dv.json"
+    result_file.write_text('{"id": 1, "result": "stale line of an earlier run"}\n')  # rewritten at the end
+    res = ok(run_eval(["--vllm_baseurl", fake_vllm_server, "--result_file", str(result_file),
+                       "--pipe_path", str(tiny_models.flux), "--data_parquet_path", str(dl3dv_parquet),
+                       "--config", CONFIG, "editor.steps=1"], script="inference_dl3dv.py"))
+    rows = [json.loads(x) for x in result_file.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(6))  # the row number, an int, as the reference's enumerate
+    assert all(r["judge"] == "1" and r["result"] == "1" and r["response_judge"] == "\\boxed{1}" for r in rows)
+    assert "wrote" in res.stdout and "(6 rows)" in res.stdout
+    # A rerun finds every item finished: the file is still exactly one row per item.
+    ok(run_eval(["--vllm_baseurl", fake_vllm_server, "--result_file", str(result_file), "--pipe_path",
+                 str(tiny_models.flux), "--data_parquet_path", str(dl3dv_parquet), "--config", CONFIG,
+                 "editor.steps=1"], script="inference_dl3dv.py"))
+    assert [json.loads(x)["id"] for x in result_file.read_text().splitlines()] == list(range(6))
+
+
+def test_result_file_ids_follow_the_source_id_column(tmp_path):
+    sys.path.insert(0, str(EVAL_DIR))
+    import pandas as pd
+    from inference_dl3dv import RowAppender, reference_ids
+
+    ints, strs, none = tmp_path / "i.parquet", tmp_path / "s.parquet", tmp_path / "n.jsonl"
+    pd.DataFrame({"id": [7, 3, 9], "question": ["q"] * 3}).to_parquet(ints)
+    pd.DataFrame({"question_id": ["a7", "007", "x"], "question": ["q"] * 3}).to_parquet(strs)
+    none.write_text('{"question": "q"}\n{"question": "r"}\n')
+    assert reference_ids(str(ints)) == {"7": 7, "3": 3, "9": 9}
+    assert reference_ids(str(strs), limit=2) == {"a7": "a7", "007": "007"}  # strings stay strings ("007")
+    assert reference_ids(str(none)) == {"0": 0, "1": 1}
+    # Two appenders on one file (as two ranks): whole lines, other tasks' rows ignored.
+    out = tmp_path / "rows.json"
+    a, b = RowAppender(out, {"7": 7}), RowAppender(out, {"7": 7, "3": 3})
+    a({"task": "dl3dv", "id": "7", "accepted": True, "etchr_pred": "B"})
+    b({"task": "maze", "id": "3"})
+    b({"task": "dl3dv", "id": "3", "accepted": False})
+    a.close(), b.close()
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["id"], r["judge"], r["result"]) for r in rows] == [(7, "1", "B"), (3, "0", None)]
+
+
+def test_result_file_refuses_namespace_auto(tiny_models, dl3dv_parquet, tmp_path):
+    res = run_eval(["--result_file", str(tmp_path / "r.json"), "--pipe_path", str(tiny_models.flux),
+                    "--data_parquet_path", str(dl3dv_parquet), "--config", CONFIG, "namespace=auto"],
+                   script="inference_dl3dv.py")
+    assert res.returncode == 2 and "namespace=auto" in res.stderr and not (tmp_path / "r.json").exists()
