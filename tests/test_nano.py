@@ -88,7 +88,8 @@ def test_tiny_chain_heldout_is_unseen(tiny_run):
     assert len(csv) == 12 + 2 and all((out / "data" / "train" / p).is_file() for p in csv["image"])
     # The sizes the export adds match the files (so the SFT reader can skip opening them).
     for _, row in csv.iterrows():
-        with Image.open(out / "data" / "train" / row["image"]) as a, Image.open(out / "data" / "train" / row["edit_image"]) as b:
+        train = out / "data" / "train"
+        with Image.open(train / row["image"]) as a, Image.open(train / row["edit_image"]) as b:
             assert (row["width"], row["height"], row["edit_width"], row["edit_height"]) == (*a.size, *b.size)
 
 
@@ -184,8 +185,9 @@ def test_maze_scorer_on_hand_built_edits():
 
 def test_aggregate_and_psnr():
     score = _module("nano_score")
-    rows = [{"family": "maze", "size": 5, "exact": True, "path_recall": 1.0, "off_path_blue": False, "wall_blue": False},
-            {"family": "maze", "size": 6, "exact": False, "path_recall": 0.5, "off_path_blue": True, "wall_blue": False},
+    maze = {"family": "maze", "wall_blue": False}
+    rows = [{**maze, "size": 5, "exact": True, "path_recall": 1.0, "off_path_blue": False},
+            {**maze, "size": 6, "exact": False, "path_recall": 0.5, "off_path_blue": True},
             {"family": "jigsaw", "psnr": 30.0}, {"family": "jigsaw", "psnr": 10.0}]
     agg = score.aggregate(rows)
     assert agg["maze"] == {"n": 2, "exact": 0.5, "path_recall": 0.75, "off_path_blue_rate": 0.5, "wall_blue_rate": 0.0,

@@ -130,7 +130,8 @@ def cmd_prepare(a) -> int:
     rc = cmd_data(a)
     t1 = time.time()
     rc = rc or cmd_model(a)
-    _write_json(Path(a.out_dir) / "prepare_times.json", {"data_s": round(t1 - t0, 2), "model_s": round(time.time() - t1, 2)})
+    _write_json(Path(a.out_dir) / "prepare_times.json",
+                {"data_s": round(t1 - t0, 2), "model_s": round(time.time() - t1, 2)})
     return rc
 
 
@@ -213,7 +214,8 @@ def cmd_report(a) -> int:
     model = _read_json(out / "model" / "flux2-klein-nano" / "ETCHR_NANO_MODEL.json") or {}
     total = round(sum(stages.values()), 1)
     budget_s = round(a.budget_min * 60, 1)
-    result = {"schema": RESULTS_SCHEMA, "env": _read_json(out / "env.json"), "data": _read_json(out / "data" / "data.json"),
+    result = {"schema": RESULTS_SCHEMA, "env": _read_json(out / "env.json"),
+              "data": _read_json(out / "data" / "data.json"),
               "model": {"dims": model.get("dims"), "parameters": model.get("parameters"),
                         "vae_training": model.get("vae_training"),
                         "vae_ceiling": _read_json(out / "model" / "vae_check.json")},

@@ -126,7 +126,8 @@ def train_vae(vae, by_size: dict, *, steps: int, time_limit_s: float, batch: int
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     t0, step, last = time.time(), 0, {}
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     with open(metrics_path, "w") as f:
@@ -231,7 +232,8 @@ def build(out: str | os.PathLike, dims: Dims, train_images: list, *, seed: int =
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         info = {"generator": "scripts/nano/nano_model.py", "seed": seed, "dims": {**asdict(dims),
                 "vae_channels": list(dims.vae_channels)},
-                "parameters": {"transformer": count(transformer), "vae": count(vae), "text_encoder": count(text_encoder)},
+                "parameters": {"transformer": count(transformer), "vae": count(vae),
+                               "text_encoder": count(text_encoder)},
                 "vae_training": vae_info, "device": str(dev)}
         (tmp / "ETCHR_NANO_MODEL.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         if out.exists():

@@ -95,7 +95,10 @@ case ",$NANO_FAMILIES," in
   *) N_JIGSAW_TRAIN=0; N_JIGSAW_HELDOUT=0; RL_REWARD_EXTRA=() ;;
 esac
 for fam in ${NANO_FAMILIES//,/ }; do
-  case "$fam" in maze|jigsaw) ;; *) echo "NANO_FAMILIES: unknown family '$fam' (use maze or maze,jigsaw)" >&2; exit 2 ;; esac
+  case "$fam" in
+    maze|jigsaw) ;;
+    *) echo "NANO_FAMILIES: unknown family '$fam' (use maze or maze,jigsaw)" >&2; exit 2 ;;
+  esac
 done
 
 if [ -e "$OUT_DIR/stage_times.tsv" ]; then
@@ -150,8 +153,11 @@ stage rl "$PYTHON" RL/train_grpo.py --config configs/rl/nano_maze.yaml \
 stage eval_rl "$PYTHON" scripts/nano/nano.py eval --out-dir "$OUT_DIR" --stage rl \
   --rl-checkpoint "$(latest "$OUT_DIR/rl")" --steps "$EVAL_STEPS" --limit "$EVAL_ITEMS"
 
-KNOBS=$(printf '{"tiny": %s, "families": "%s", "maze_sizes": "%s", "n_train": %s, "n_heldout": %s, "seed": %s, "sft_time_limit_s": %s, "sft_steps_cap": %s, "sft_batch": %s, "sft_lr": "%s", "rl_time_limit_s": %s, "rl_steps_cap": %s, "rl_prompts": %s, "rl_group": %s, "rl_sampling_steps": %s, "rl_lr": "%s", "eval_steps": %s}' \
-  "$([ "$NANO_TINY" = 1 ] && echo true || echo false)" "$NANO_FAMILIES" "$MAZE_SIZES" "$N_TRAIN" "$N_HELDOUT" "$SEED" \
-  "$SFT_LIMIT" "$SFT_STEPS" "$SFT_BATCH" "$SFT_LR" "$RL_LIMIT" "$RL_STEPS" "$RL_PROMPTS" "$RL_GROUP" \
-  "$RL_SAMPLING_STEPS" "$RL_LR" "$EVAL_STEPS")
+if [ "$NANO_TINY" = 1 ]; then TINY_JSON=true; else TINY_JSON=false; fi
+KNOBS="{\"tiny\": $TINY_JSON, \"families\": \"$NANO_FAMILIES\", \"maze_sizes\": \"$MAZE_SIZES\", \"seed\": $SEED"
+KNOBS+=", \"n_train\": $N_TRAIN, \"n_heldout\": $N_HELDOUT, \"sft_time_limit_s\": $SFT_LIMIT"
+KNOBS+=", \"sft_steps_cap\": $SFT_STEPS, \"sft_batch\": $SFT_BATCH, \"sft_lr\": \"$SFT_LR\""
+KNOBS+=", \"rl_time_limit_s\": $RL_LIMIT, \"rl_steps_cap\": $RL_STEPS, \"rl_prompts\": $RL_PROMPTS"
+KNOBS+=", \"rl_group\": $RL_GROUP, \"rl_sampling_steps\": $RL_SAMPLING_STEPS, \"rl_lr\": \"$RL_LR\""
+KNOBS+=", \"eval_steps\": $EVAL_STEPS}"
 "$PYTHON" scripts/nano/nano.py report --out-dir "$OUT_DIR" --budget-min "$NANO_BUDGET_MIN" --knobs "$KNOBS"
