@@ -114,14 +114,16 @@ class RowAppender:
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    result_file = Path(args.result_file)
+    # The reference's flags are relative to the working directory (config paths: to the repo root).
+    result_file = Path(args.result_file).absolute()
     overrides = list(args.overrides) + [
         f"mllm.endpoints=[{','.join(json.dumps(u.strip()) for u in args.vllm_baseurl.split(',') if u.strip())}]",
         f"mllm.model={json.dumps(args.model)}",
-        f"tasks.dl3dv.path={json.dumps(args.data_parquet_path)}",
+        f"tasks.dl3dv.path={json.dumps(os.path.abspath(args.data_parquet_path))}",
     ]
     if args.pipe_path:
-        overrides.append(f"editor.pipe_path={json.dumps(args.pipe_path)}")
+        pipe = os.path.abspath(args.pipe_path) if os.path.exists(args.pipe_path) else args.pipe_path  # or a hub id
+        overrides.append(f"editor.pipe_path={json.dumps(pipe)}")
     if not any(o.startswith("run_dir=") for o in args.overrides):
         overrides.append(f"run_dir={json.dumps(str(result_file.parent / (result_file.stem + '_run')))}")
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -18,7 +20,8 @@ def test_defaults_yaml_and_overrides_stack(tmp_path):
     path = _yaml(tmp_path, "editor:\n  pipe_path: /m\n  steps: 10\n")
     cfg = load_eval_config(path, ["editor.guidance=2.0", "tasks.dl3dv.path=x.parquet"])
     assert cfg.editor.steps == 10 and cfg.editor.guidance == 2.0 and cfg.editor.seed == 126
-    assert cfg.tasks.dl3dv.path == "x.parquet" and cfg.tasks.dl3dv.limit is None
+    assert cfg.tasks.dl3dv.path == str(Path(__file__).resolve().parents[2] / "x.parquet")  # against the repo root
+    assert cfg.tasks.dl3dv.limit is None
 
 
 @pytest.mark.parametrize("text,overrides,needle", [

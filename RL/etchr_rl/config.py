@@ -7,6 +7,7 @@ or a missing required value with a message naming the key and the file.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -278,5 +279,38 @@ def check_attention_backend(backend: str, *, dtype: Optional[str] = None, device
                           f"{device_type}); use native or _native_math")
 
 
+# ----------------------------------------------------------------------------------------------
+# Paths: a relative path in the YAML or in a key=value override means the same file from any working
+# directory: it resolves against the repository root (the checkout holding this tree). Absolute paths
+# are kept; the resolved config (saved in the run dir) holds absolute paths.
+# ----------------------------------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def repo_path(value: Optional[str], *, hub_id_ok: bool = False) -> Optional[str]:
+    """`value` as an absolute path: relative -> REPO_ROOT / value. None and "" stay. With hub_id_ok, an
+    "owner/name" that is no file or folder of the checkout is kept as a hub model id."""
+    if not value or os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value) if value else value
+    if hub_id_ok and _HUB_ID.fullmatch(value) and not (REPO_ROOT / value).exists():
+        return value
+    return os.path.normpath(REPO_ROOT / value)
+
+
+def resolve_paths(cfg: DictConfig, fields: tuple, hub_fields: tuple = (), keep: tuple = ()) -> None:
+    """Resolve the dotted `fields` of `cfg` in place (`hub_fields` may hold hub ids; values in `keep`,
+    such as resume=auto, are words, not paths)."""
+    for key in fields + hub_fields:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value not in keep:
+            OmegaConf.update(cfg, key, repo_path(value, hub_id_ok=key in hub_fields), merge=False)
+
+
 def load_rl_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:
-    return load_config(RLConfig, yaml_path, overrides, validate=validate_rl)
+    def resolve_then_validate(cfg: DictConfig) -> None:
+        resolve_paths(cfg, ("data.jsonl", "data.root", "train.run_dir", "train.resume"),
+                      hub_fields=("model.pretrained_path",), keep=("auto", "never"))
+        validate_rl(cfg)
+
+    return load_config(RLConfig, yaml_path, overrides, validate=resolve_then_validate)
