@@ -1,5 +1,5 @@
 """Protocol prompts as versioned data files (etchr_eval/prompts/<name>_v<N>.txt), byte-identical to
-../shared/protocol/prompts (a test checks). Results record the file names, i.e. the versions."""
+the project's canonical protocol/prompts/ (a test checks). Results record the file names, i.e. the versions."""
 
 from __future__ import annotations
 

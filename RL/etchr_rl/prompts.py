@@ -1,6 +1,6 @@
 """Reward prompts as versioned data files (etchr_rl/prompts/<name>_v<N>.txt).
 
-They are byte-identical copies of ../shared/protocol/prompts (a test checks): the rewards are
+They are byte-identical copies of the project's canonical protocol/prompts/ (a test checks): the rewards are
 comparable with the paper only while these texts stay exactly as the reference wrote them, leading and
 trailing newlines included. Placeholders are `str.format` fields ({question}, {gt_answer}, {response}).
 """

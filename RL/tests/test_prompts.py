@@ -1,5 +1,5 @@
-"""Reward prompts are byte-identical to the project's canonical copy, protocol/prompts/ (and, where the team's
-../shared/protocol/prompts is beside the checkout, that copy too), and load by name."""
+"""Reward prompts are byte-identical to the project's canonical copy, protocol/prompts/ (and, in a team
+checkout that has the team's reference prompts in a sibling folder, to that copy too), and load by name."""
 
 from __future__ import annotations
 

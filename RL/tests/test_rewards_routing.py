@@ -12,7 +12,7 @@ from etchr_rl.rewards import (REWARDS, RewardConfigError, RewardFailure, RewardI
                               check_routable, compute_rewards, correctness_images, failure_rate, family_of,
                               get_reward)
 
-SHARED_PREFIXES = {  # the editor prefixes of the protocol (shared/protocol/prompts/edit_prefix_*_v1.txt)
+SHARED_PREFIXES = {  # the editor prefixes of the protocol (protocol/prompts/edit_prefix_*_v1.txt)
     "box": "Draw a red box for the question. ",
     "maze": "Draw the shortest path of the maze in blue. ",
     "jigsaw": "Draw the original image after restoring this jigsaw puzzle task. ",

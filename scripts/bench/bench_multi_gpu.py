@@ -31,7 +31,7 @@ MLLM tail are excluded; both ends carry the same request latency), summed over r
 summary's wall_s (load included) and wall minus the estimated load are reported too.
 
 Scaling efficiency = throughput on 2 GPUs / (2 x throughput on 1 GPU), same card and config
-(../shared/docs/PERFORMANCE.md). Target >= 0.9.
+(docs/DESIGN.md, Performance). Target >= 0.9.
 
 Schedule (2 GPUs): write model; then the 1-GPU runs two at a time on separate cards (GPU0: sft_zero2_n1
 then sft_ddp_n1; GPU1: eval_n1; --sequential runs them one by one: slower, but no neighbour on the
