@@ -109,12 +109,17 @@ def kill_process_tree(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     try:
-        subprocess.Popen.wait(proc, timeout=30)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         pass
 
 
-subprocess.Popen = GuardedPopen  # subprocess.run/check_output/asyncio look the name up at call time
+if hasattr(subprocess.Popen, "guard_registry"):  # this file imported a second time (`from conftest import`):
+    GuardedPopen = subprocess.Popen  # one guard, one registry per process
+    _STARTED, _TEST_DEADLINE = GuardedPopen.guard_registry, GuardedPopen.guard_deadline
+else:
+    GuardedPopen.guard_registry, GuardedPopen.guard_deadline = _STARTED, _TEST_DEADLINE
+    subprocess.Popen = GuardedPopen  # subprocess.run/check_output/asyncio look the name up at call time
 
 
 def _test_limit_s(item) -> float | None:

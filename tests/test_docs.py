@@ -161,7 +161,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
                                                                           "PROTOCOL.md"]
     assert _resolves("DESIGN.md", REPO / "SFT" / "train_sft.py") and not _resolves("docs/NOPE.md", REPO / "x.py")
     assert LINK.findall("[a](b.md#c) ![img](x.png) [d](https://e)") == ["b.md#c", "https://e"]
-    assert SIBLING.search("see ../" + "shared/docs/DATA.md") and SIBLING.search("(" + "shared/protocol/prompts)")
+    assert SIBLING.search("see ../" + "shared" + "/docs/DATA.md") and SIBLING.search("(shared" + "/protocol/prompts)")
     assert not SIBLING.search("shared its host with an SFT run")
     assert _slug("Performance: reference anchors and how to measure") == \
         "performance-reference-anchors-and-how-to-measure"
