@@ -12,6 +12,11 @@ In Python:
     with LocalMLLMServer("tiny_models/qwen3-vl-tiny") as srv:
         srv.base_url   # "http://127.0.0.1:PORT/v1"
         srv.model      # the model name requests must carry (the served path)
+
+The model folder may be given relative to the working directory or absolute. `transformers serve` pins
+the path it is started with as the served name, so the server is started from the repository root with
+the folder's path relative to it when the folder lies inside the checkout ("tiny_models/qwen3-vl-tiny",
+what configs write as mllm.model, from any working directory), else with its absolute path.
 """
 
 from __future__ import annotations
@@ -65,12 +70,28 @@ class ServerStartError(RuntimeError):
     pass
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def served_name(model_dir: str | os.PathLike, root: str | os.PathLike = REPO_ROOT) -> str:
+    """The name the server pins for `model_dir` (relative to the cwd or absolute): its path relative to
+    `root` when it lies inside it, else its absolute path."""
+    path, root = Path(os.path.abspath(model_dir)), Path(os.path.abspath(root))  # ".." folded, links kept
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 class LocalMLLMServer:
     """`transformers serve MODEL` on 127.0.0.1:PORT in its own process group."""
 
     def __init__(self, model_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int | None = None,
-                 device: str = "cpu", startup_timeout_s: float = 180.0, log_path: str | os.PathLike | None = None):
-        self.model_dir = str(Path(model_dir).resolve())
+                 device: str = "cpu", startup_timeout_s: float = 180.0, log_path: str | os.PathLike | None = None,
+                 root: str | os.PathLike = REPO_ROOT):
+        self.root = os.path.abspath(root)  # the server's working directory
+        self.model_dir = os.path.abspath(model_dir)
+        self.served = served_name(self.model_dir, self.root)
         if not Path(self.model_dir, "config.json").is_file():
             raise FileNotFoundError(f"no model at {self.model_dir} (config.json missing); "
                                     "build one with scripts/make_tiny_models.py --out DIR")
@@ -84,7 +105,7 @@ class LocalMLLMServer:
     # The name clients must send: transformers serve pins the served model and rejects other names.
     @property
     def model(self) -> str:
-        return self.model_dir
+        return self.served
 
     @property
     def base_url(self) -> str:
@@ -96,12 +117,12 @@ class LocalMLLMServer:
 
     def start(self) -> "LocalMLLMServer":
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model_dir,
+        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", self.served,
                "--device", self.device, "--host", self.host, "--port", str(self.port), "--log-level", "warning"]
         log = open(self.log_path, "ab")
         # New session = own process group: stop() kills the server and anything it spawned.
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True,
+                                     env=env, start_new_session=True, cwd=self.root,
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         log.close()
         atexit.register(self.stop)
@@ -171,7 +192,8 @@ class LocalMLLMServer:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Serve a (tiny) Qwen3-VL with transformers serve on 127.0.0.1.")
-    ap.add_argument("--model", required=True, help="model folder (e.g. tiny_models/qwen3-vl-tiny)")
+    ap.add_argument("--model", required=True, help="model folder, relative to the working directory or absolute "
+                    "(e.g. tiny_models/qwen3-vl-tiny); served as its path from the repository root when inside it")
     ap.add_argument("--port", type=int, default=None, help="default: a free port")
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args(argv)

@@ -96,3 +96,32 @@ def test_server_fixture_leaves_no_process_behind(tiny_models, tmp_path, mode):
     while mod.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not mod.pid_alive(pid), f"server pid {pid} still running after the test process ended ({mode})"
+
+
+def test_served_name_is_the_path_from_the_repo_root_or_absolute(tmp_path, monkeypatch):
+    srv_mod = load_script("local_mllm_server")
+    (tmp_path / "repo" / "tiny_models" / "q").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo" / "tiny_models")
+    assert srv_mod.served_name("q", root=tmp_path / "repo") == "tiny_models/q"  # relative to the cwd, named from root
+    assert srv_mod.served_name(tmp_path / "repo" / "tiny_models" / "q", root=tmp_path / "repo") == "tiny_models/q"
+    assert srv_mod.served_name("q", root=tmp_path / "elsewhere") == str(tmp_path / "repo" / "tiny_models" / "q")
+    assert srv_mod.served_name(REPO / "tiny_models" / "qwen3-vl-tiny") == "tiny_models/qwen3-vl-tiny"
+
+
+def test_a_relative_model_path_serves_under_the_configs_name(tiny_models, tmp_path, monkeypatch):
+    """--model given relative to another working directory: the server answers under the name configs use."""
+    import json
+    import urllib.request
+
+    srv_mod = load_script("local_mllm_server")
+    root = tmp_path / "checkout"
+    (root / "tiny_models").mkdir(parents=True)
+    (root / "tiny_models" / "qwen3-vl-tiny").symlink_to(tiny_models.qwen, target_is_directory=True)
+    (root / "Evaluation").mkdir()
+    monkeypatch.chdir(root / "Evaluation")
+    with srv_mod.LocalMLLMServer("../tiny_models/qwen3-vl-tiny", root=root, log_path=tmp_path / "s.log") as srv:
+        assert srv.model == "tiny_models/qwen3-vl-tiny"
+        with urllib.request.urlopen(srv.base_url + "/models", timeout=10) as r:
+            assert srv.model in [m["id"] for m in json.load(r)["data"]]
+        reply = _chat(srv, 1, "Hi")
+        assert reply.choices[0].message.content is not None
