@@ -184,3 +184,109 @@ def test_prepare_data_errors_name_shard_and_row(tmp_path):
     nocol = _shard(tmp_path / "nocol.parquet", 0, 2, drop_column="edit_image")
     res = run(SFT_DIR / "prepare_data.py", "--input", nocol, "--out", tmp_path / "o3", ok=False)
     assert res.returncode == 2 and "nocol.parquet: missing column(s) edit_image" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Full fine-tuning: the checkpoint's transformer/ becomes a pipeline dir (merge_lora.py --checkpoint)
+# ----------------------------------------------------------------------------------------------
+# RL's loader runs in its own process: this tree's files never import another tree's package.
+RL_LOAD = r"""
+import hashlib, sys, torch
+from etchr_rl.model import load_pipeline
+pipe = load_pipeline(sys.argv[1], torch.float32)
+h = hashlib.sha256()
+for k, v in sorted(pipe.transformer.state_dict().items()):
+    h.update(k.encode()); h.update(v.detach().contiguous().numpy().tobytes())
+print(type(pipe).__name__, h.hexdigest())
+"""
+
+
+def _state_digest(transformer_dir) -> str:
+    import hashlib
+
+    from diffusers import Flux2Transformer2DModel
+
+    h = hashlib.sha256()
+    for k, v in sorted(Flux2Transformer2DModel.from_pretrained(transformer_dir).state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def full_trained(tiny_models, sft_csv, tmp_path_factory):
+    """A 2-step full fine-tuning checkpoint of the tiny model."""
+    run_dir = tmp_path_factory.mktemp("sftfull")
+    run(SFT_DIR / "train_sft.py", "--config", REPO / "configs" / "sft" / "tiny_demo.yaml",
+        f"model.pretrained_path={tiny_models.flux}", f"data.csv={sft_csv}", f"train.run_dir={run_dir}",
+        "data.max_pixels=6144", "train.max_steps=2", "lora.enabled=false", "optim.lr=1e-3")
+    return run_dir / "checkpoints" / "step-000002"
+
+
+def test_full_checkpoint_assembles_into_a_pipeline_that_rl_and_evaluation_load(tiny_models, full_trained, tmp_path):
+    out = tmp_path / "assembled"
+    res = run(SFT_DIR / "merge_lora.py", "--checkpoint", full_trained, "--out", out)  # --base from meta.json
+    assert "assembled the full fine-tuning checkpoint" in res.stdout
+    # transformer/ is the checkpoint's, byte for byte; every other component is the base's
+    for f in (full_trained / "transformer").iterdir():
+        assert (out / "transformer" / f.name).read_bytes() == f.read_bytes()
+    for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for f in (tiny_models.flux / sub).iterdir():
+            assert (out / sub / f.name).read_bytes() == f.read_bytes()
+    assert (out / "model_index.json").read_bytes() == (tiny_models.flux / "model_index.json").read_bytes()
+    assert _state_digest(out / "transformer") != _state_digest(tiny_models.flux / "transformer")  # trained
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["kind"] == "merged_pipeline" and meta["step"] == 2 and meta["base_model"] == str(tiny_models.flux)
+    assert meta["config"]["mode"] == "full" and meta["config"]["checkpoint"] == str(full_trained)
+    assert meta["config"]["dtype"] == "float32"
+    parent = meta["parents"][1]
+    assert parent["kind"] == "full" and parent["step"] == 2 and parent["config"]["lora"]["enabled"] is False
+
+    # RL's model loader takes it, with the trained weights
+    rl = subprocess.run([sys.executable, "-c", RL_LOAD, str(out)], capture_output=True, text=True, timeout=300,
+                        cwd=REPO)
+    assert rl.returncode == 0, rl.stderr[-3000:]
+    assert rl.stdout.split() == ["Flux2KleinPipeline", _state_digest(full_trained / "transformer")]
+
+    # Evaluation/evaluate.py runs it end to end (test-double MLLM server)
+    double = _load_by_path("etchr_eval_tests_double_server", REPO / "Evaluation" / "tests" / "double_server.py")
+    fixture = _load_by_path("etchr_mk_dl3dv", REPO / "scripts" / "make_dl3dv_fixture.py")
+    data = fixture.make(str(tmp_path / "dl3dv.parquet"), n=2)
+    run_dir = tmp_path / "eval"
+    with double.DoubleServer() as srv:
+        run(REPO / "Evaluation" / "evaluate.py", "--config", REPO / "configs" / "eval" / "tiny_demo.yaml",
+            f"editor.pipe_path={out}", "mllm.model=double", f"mllm.endpoints=[{srv.base_url}]",
+            f"tasks.dl3dv.path={data}", f"run_dir={run_dir}", "report_html=false")
+    rows = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines() if x.strip()]
+    assert len(rows) == 2 and all(r["status"] == "ok" and (run_dir / r["edit_path"]).is_file() for r in rows)
+    assert json.loads((run_dir / "summary.json").read_text())["tasks"]["dl3dv"]["edits_made"] == 2
+
+
+def test_assemble_refuses_what_it_cannot_build(tiny_models, full_trained, trained, tmp_path):
+    import shutil
+
+    res = run(SFT_DIR / "merge_lora.py", "--full", "--checkpoint", trained, "--out", tmp_path / "a", ok=False)
+    assert res.returncode == 2 and "not a full fine-tuning checkpoint" in res.stderr  # a LoRA checkpoint
+    res = run(SFT_DIR / "merge_lora.py", "--checkpoint", full_trained, "--out", tmp_path / "b", "--scale", 2, ok=False)
+    assert res.returncode == 2 and "--alpha and --scale apply to LoRA" in res.stderr
+    other = tmp_path / "other_base"  # same components, a transformer of another shape
+    shutil.copytree(tiny_models.flux, other)
+    cfg = json.loads((other / "transformer" / "config.json").read_text())
+    cfg["num_layers"] += 1
+    (other / "transformer" / "config.json").write_text(json.dumps(cfg))
+    res = run(SFT_DIR / "merge_lora.py", "--checkpoint", full_trained, "--base", other, "--out", tmp_path / "c", ok=False)
+    assert res.returncode == 2 and "differs from" in res.stderr and "num_layers" in res.stderr
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c.*"))  # nothing half-written
+    (tmp_path / "d").mkdir()
+    res = run(SFT_DIR / "merge_lora.py", "--checkpoint", full_trained, "--out", tmp_path / "d", ok=False)
+    assert res.returncode == 2 and "exists" in res.stderr
+
+
+def _load_by_path(name: str, path: Path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
