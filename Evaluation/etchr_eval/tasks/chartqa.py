@@ -1,10 +1,15 @@
 """ChartQA (HuggingFaceM4/ChartQA, test split): chart question answering; DATA.md section 2.
 
 Parquet `image, query, label (list[str]), human_or_machine (0 = human, 1 = machine / augmented)`.
-Scoring is ChartQA's relaxed accuracy against each label (the best counts): if both sides read as
-numbers ("12.4", "1,200", "$3", "45%" = 0.45), the prediction may differ by at most 5% of the label;
-otherwise a case-insensitive exact match. One deviation: a label of 0 needs a prediction of exactly 0
-(the official code falls back to string equality there, so "0.0" would miss "0").
+Scoring follows the official rule exactly: google-research/pix2struct, pix2struct/metrics.py,
+`relaxed_correctness(target, prediction, max_relative_change=0.05)`, credited if ANY label matches
+(the metric takes the max over targets). There, `_to_float` is Python's float() after one trailing "%"
+is stripped and divided by 100; when both sides are floats and the target is non-zero, the relative
+change must be <= 0.05 in plain floats (at exactly 5%: "12.6" vs "12" gives 0.04999999999999997, a
+hit; "1.05" vs "1" gives 0.050000000000000044, a miss);
+otherwise a case-insensitive exact string match. So "1,200", "$3", "Yes." and "0.0" (for 0) miss.
+Before it, ours only takes the last \\boxed{} and removes LaTeX markup (`\\%` -> "%", `\\text{}`,
+`\\mathrm{}`, `\\textbf{}`, `\\mathbf{}` unwrapped), so `\\boxed{12\\%}` reads "12%".
 Pass@1 as reported = mean of the human and augmented split accuracies; both are in the aggregate.
 """
 
@@ -21,40 +26,32 @@ from .choice import STAGES, scores_by
 
 INSTRUCTION = "Answer the question using a single word or phrase."
 SPLITS = {0: "human", 1: "augmented"}
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-_GROUPED = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_WRAP = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\{([^{}]*)\}")
 
 
-def clean(text: str) -> str:
-    """Strip a \\text{} wrapper, surrounding quotes / spaces and a trailing full stop."""
-    s = text.strip()
-    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s, flags=re.S).strip()
-    s = s.strip("\"'` ")
-    return s[:-1].rstrip() if s.endswith(".") and not _NUMBER.fullmatch(s) else s
+def strip_latex(text: str) -> str:
+    """"\\text{Yes}" -> "Yes", "12\\%" -> "12%", "\\mathrm{kg}" -> "kg"; other text unchanged."""
+    prev = None
+    while prev != text:  # nested wrappers unwrap from the inside out
+        prev, text = text, _WRAP.sub(r"\1", text)
+    return text.replace("\\%", "%").strip()
 
 
-def to_number(text: str) -> Optional[float]:
-    """"12.4" -> 12.4, "1,200" -> 1200, "$3" -> 3, "45%" -> 0.45; None if not a plain number."""
-    s = clean(text).replace(" ", "")
-    percent = s.endswith("%")
-    s = s[:-1] if percent else s
-    s = s[1:] if s.startswith("$") else s
-    if _GROUPED.fullmatch(s):
-        s = s.replace(",", "")
-    if not _NUMBER.fullmatch(s):
+def _to_float(text: str) -> Optional[float]:
+    """pix2struct's _to_float: float(), a trailing "%" divides by 100; None if float() refuses."""
+    try:
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
         return None
-    value = float(s)
-    return value / 100.0 if percent else value
 
 
 def relaxed_match(pred: str, target: str, tolerance: float = 0.05) -> bool:
-    """ChartQA relaxed accuracy for one label (see the module docstring)."""
-    p, t = to_number(pred), to_number(target)
-    if p is not None and t is not None:
-        if t == 0:
-            return p == 0
-        return abs(p - t) / abs(t) <= tolerance + 1e-9  # 1e-9: "12.6" vs "12" is exactly 5%
-    return clean(pred).lower() == clean(target).lower()
+    """pix2struct relaxed_correctness(target, pred) after strip_latex(pred) (see the module docstring)."""
+    pred = strip_latex(pred)
+    p, t = _to_float(pred), _to_float(target)
+    if p is not None and t:  # t == 0 falls through to the string match, as in the official code
+        return abs(p - t) / abs(t) <= tolerance
+    return pred.lower() == target.lower()
 
 
 def extract(response: Optional[str]) -> Optional[str]:
