@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 
 from etchr_rl.checkpoint import meta, read_meta  # noqa: E402
 from etchr_rl.lora import fuse_lora, read_lora  # noqa: E402
+from etchr_rl.runtime import current_umask  # noqa: E402
 
 
 def weights_dtype(component_dir: Path) -> torch.dtype:
@@ -55,6 +57,7 @@ def merge(base: str, lora: str, out: str, alpha=None, scale: float = 1.0) -> Pat
     n = fuse_lora(transformer, state, alpha, rank, scale)
     transformer.to(dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the merged pipeline is for everyone
     try:
         for item in base_dir.iterdir():
             if item.name in ("transformer", "meta.json"):

@@ -384,6 +384,12 @@ def write_random_weights(pipe_dir: str | os.PathLike, device: str = "cpu", seed:
     return pipe_dir
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # os.umask sets as it reads: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _jsonable(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
@@ -405,6 +411,7 @@ def build(out: str | os.PathLike, seed: int = 0, full_shape: bool = False, rando
     for name, writer in zip(names, (write_flux2_klein, write_qwen3_vl)):
         final = out / name
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; shared model dirs must be readable
         try:
             writer(tmp, seed, full_shape)
             weights = random_weights and writer is write_flux2_klein

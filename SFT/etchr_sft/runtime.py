@@ -71,11 +71,26 @@ def get_logger(name: str = "etchr_sft") -> logging.Logger:
 # ----------------------------------------------------------------------------------------------
 # Files: write to a temp file in the same folder, then rename, so no reader sees half a file.
 # ----------------------------------------------------------------------------------------------
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets as it reads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a colleague must be able to read results
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
