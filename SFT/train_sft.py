@@ -2,6 +2,7 @@
 """SFT (Reasoning Imitation) of FLUX.2-klein as a question-conditioned editor: LoRA or full fine-tuning.
 
     python SFT/train_sft.py --config configs/sft/tiny_demo.yaml [key=value ...]
+    python SFT/train_sft.py --config ... --print-config     # the resolved config, then exit (-h: every key)
     accelerate launch --config_file configs/accelerate/ddp.yaml SFT/train_sft.py --config ...
     NGPU=8 bash scripts/sft/train.sh --config configs/sft/klein9b_lora_r768.yaml
 
@@ -50,9 +51,21 @@ class Position:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        from etchr_sft.config import SFTConfig, config_help
+
+        print(config_help(SFTConfig, __doc__))
+        return 0
+    print_config = "--print-config" in argv
     try:
-        config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+        config_path, overrides = split_cli([a for a in argv if a != "--print-config"])
         cfg = load_sft_config(config_path, overrides)
+        if print_config:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            return 0
         train(cfg)
     except (ConfigError, DataError, FileNotFoundError, CheckpointError, runtime.RunDirLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
