@@ -2,6 +2,7 @@
 """Flow-GRPO for the FLUX.2-klein editor with MLLM-judge and rule-based rewards (PROTOCOL.md 2).
 
     python RL/train_grpo.py --config configs/rl/tiny_demo.yaml [key=value ...]
+    python RL/train_grpo.py --config ... --print-config     # the resolved config, then exit (-h: every key)
     torchrun --nproc_per_node 8 RL/train_grpo.py --config configs/rl/klein9b_grpo.yaml
     NGPU=8 bash scripts/rl/train.sh --config configs/rl/klein9b_grpo.yaml
 
@@ -78,9 +79,21 @@ def main(argv=None) -> int:
     from etchr_rl.judge import JudgeUnreachable
     from etchr_rl.rewards import RewardFailure
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        from etchr_rl.config import RLConfig, config_help
+
+        print(config_help(RLConfig, __doc__))
+        return 0
+    print_config = "--print-config" in argv
     try:
-        config_path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+        config_path, overrides = split_cli([a for a in argv if a != "--print-config"])
         cfg = load_rl_config(config_path, overrides)
+        if print_config:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            return 0
         train(cfg)
     except RewardFailure as exc:
         print(f"aborted: {exc}", file=sys.stderr)

@@ -314,3 +314,74 @@ def load_rl_config(yaml_path: Optional[str] = None, overrides: Optional[list[str
         validate_rl(cfg)
 
     return load_config(RLConfig, yaml_path, overrides, validate=resolve_then_validate)
+
+
+# ----------------------------------------------------------------------------------------------
+# --help: every key of the schema with its type, default and the comment beside it in this file.
+# ----------------------------------------------------------------------------------------------
+def _field_comments(cls: type) -> dict[str, str]:
+    """field name -> the `# ...` comment on its line in the class body (the schema's documentation)."""
+    import inspect
+    import io
+    import tokenize
+
+    out: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return out
+    last_name, last_line, above = None, -1, []  # `above`: a comment block on the lines before a field
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and last_line != tok.start[0]:
+            last_name, last_line = tok.string, tok.start[0]
+            if above:
+                out[last_name] = " ".join(above)
+                above = []
+        elif tok.type == tokenize.COMMENT and tok.start[0] == last_line and last_name:
+            out[last_name] = tok.string.lstrip("#").strip()
+        elif tok.type == tokenize.COMMENT and tok.start[1] == 4:
+            above.append(tok.string.lstrip("#").strip())
+    return out
+
+
+def schema_help(schema: type, prefix: str = "") -> list[str]:
+    """One line per config key: `key (type, default): doc`, nested dataclasses flattened with dots."""
+    import dataclasses
+    import typing
+
+    lines = []
+    hints = typing.get_type_hints(schema)
+    docs = _field_comments(schema)
+    for f in dataclasses.fields(schema):
+        tp = hints.get(f.name, f.type)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        sub = tp if dataclasses.is_dataclass(tp) else (inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0])
+                                                        else None)
+        key = f"{prefix}{f.name}"
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+            lines.append(f"  {key}: {docs.get(f.name, '')}".rstrip())
+            lines += schema_help(args[1], key + ".<name>.")
+            continue
+        if sub is not None:
+            note = " (optional section; null = unset)" if sub is not tp else ""
+            lines.append(f"  {key}:{note} {docs.get(f.name, '')}".rstrip())
+            lines += schema_help(sub, key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = "REQUIRED" if f.default is MISSING else repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "REQUIRED"
+        if len(inner) == 1 and type(None) in typing.get_args(tp):
+            name = f"{getattr(inner[0], '__name__', inner[0])} or null"
+        else:
+            name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        lines.append(f"  {key} ({name}, default {default}): {docs.get(f.name, '')}".rstrip(": "))
+    return lines
+
+
+def config_help(schema: type, usage: str) -> str:
+    return usage.rstrip() + "\n\nconfig keys (set in the YAML or as key=value on the command line):\n" + \
+        "\n".join(schema_help(schema)) + "\n"
