@@ -147,15 +147,24 @@ def _train(cfg) -> dict:
             runtime.print0(f"[rl] checkpoints: {line}")
 
     prompts = read_jsonl(cfg.data.jsonl, cfg.data.root)
+    plugins = R.load_plugins(list(cfg.reward.plugins))  # registered before the name check; errors name the entry
     names = list(cfg.reward.weights)
     unknown = [n for n in names if n not in R.REWARDS]
     if unknown:
         raise ConfigError(f"reward.weights names unknown reward(s) {unknown}; known: {sorted(R.REWARDS)}")
+    if plugins:  # a plugin that raises or returns the wrong length stops here, before any GPU work
+        source = _load_source(prompts[0])
+        R.probe_plugins(plugins, [R.RewardInput(instruction=prompts[0].instruction, question=prompts[0].question,
+                                                answer=prompts[0].answer, original=source, edited=source.copy(),
+                                                meta=prompts[0].meta) for _ in range(3)], cfg)
+        unused = [p.name for p in plugins if p.name not in names]
+        if unused:
+            runtime.print0(f"[rl] reward plugin(s) {unused} loaded but not weighted in reward.weights: not used")
     if "correctness" in names:
         R.check_routable([p.instruction for p in prompts])  # a clear error before any GPU work
     judge = None
     bg = BackgroundLoop()
-    if JUDGED & set(names):
+    if JUDGED & set(names) or any(R.get_reward(n).needs_judge for n in names):
         judge = JudgeClient.from_config(cfg.judge)
         bg.submit(judge.check_reachable()).result()
 
@@ -345,6 +354,7 @@ def train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe,
                 position.step += 1
                 bar.update(1)
     out = {"loss": _mean(st["losses"]), "ratio_mean": _mean(st["ratios"]), "clip_fraction": _mean(st["clipped"]),
+           "ratio_min": min(st["ratios"], default=None), "ratio_max": max(st["ratios"], default=None),
            "grad_norm": _mean(st["grad_norms"]), "advantage_abs_mean": float(adv.abs().mean())}
     if st["kls"]:
         out["kl"] = _mean(st["kls"])
