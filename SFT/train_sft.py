@@ -33,6 +33,7 @@ from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
 from etchr_sft.model import (DTYPES, TensorCache, add_lora, apply_speed_options, encode_images,  # noqa: E402
                              encode_prompts, load_pipeline, lora_target_names, pack, pack_reference, velocity)
 from etchr_sft.objective import lookup, make_schedule, noisy_input, sample_generator, weighted_mse  # noqa: E402
+from etchr_sft.plots import compose_panel, stack, write_curves  # noqa: E402
 
 log = runtime.get_logger("etchr_sft")
 
@@ -230,6 +231,8 @@ def _train(cfg, pipe=None) -> dict:
                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
                              "step_time_s": round(now - t_step, 4), "epoch": position.epoch,
                              **_peak_memory(accelerator, device)}, step=position.step)
+                if accelerator.is_main_process:
+                    write_curves(run_dir)  # run_dir/curves.png: loss, lr, grad norm so far (resume included)
             t_step = now
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -331,7 +334,7 @@ def validate(accelerator, pipe, transformer, cfg, rows, step: int, metrics) -> N
     model.eval()
     out_dir = Path(cfg.train.run_dir) / "validation" / f"step-{step:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = []
+    images, panels = [], []
     for i, row in enumerate(rows[: cfg.train.validation_items]):
         ref = open_rgb8(row.reference, f"validation row {i}: {row.reference}")  # the image rule, as in training
         w, h = target_size(*row.size, cfg.data.max_pixels, cfg.data.multiple_of)
@@ -341,6 +344,8 @@ def validate(accelerator, pipe, transformer, cfg, rows, step: int, metrics) -> N
                     max_sequence_length=cfg.model.max_sequence_length).images[0]
         edit.save(out_dir / f"{i:03d}.png")
         images.append(edit)
+        panels.append(compose_panel(ref, [edit], row.prompt))
+    stack(panels).save(out_dir / "panel.png")  # source | edit, prompt beneath; one row per item
     model.train()
     if metrics._wandb is not None:
         import wandb
