@@ -39,6 +39,7 @@ from etchr_rl.checkpoint import (finalize, latest_checkpoint, load_training_stat
 from etchr_rl.config import ConfigError, load_rl_config, save_config, split_cli, to_container  # noqa: E402
 from etchr_rl.lora import save_lora  # noqa: E402
 from etchr_rl.model import DTYPES, add_lora, apply_speed_options, load_pipeline, lora_target_names, velocity  # noqa: E402
+from etchr_rl.plots import compose_panel, stack, write_curves  # noqa: E402
 from etchr_rl.rollout import noise_generator, sample_group  # noqa: E402
 from etchr_rl.sde import clipped_loss, log_prob, ratio, sde_mean, sigma_schedule, step_noise_scale  # noqa: E402
 
@@ -248,8 +249,10 @@ def _train(cfg) -> dict:
                 js = judge.stats()
                 row.update({f"judge/{k}": v for k, v in js.items()})
             metrics.log(row, step=position.step)
+            if accelerator.is_main_process:
+                write_curves(run_dir)  # run_dir/curves.png: rewards, failures, clipping, ratio, KL, phase times
             if accelerator.is_main_process and cfg.train.grid_every and it % cfg.train.grid_every == 0:
-                _save_grid(run_dir, it, groups, rewards, G, metrics)
+                _save_grid(run_dir, it, groups, rewards, G, metrics, items)
             crossed = position.step // cfg.train.checkpoint_every != (position.step - steps_per_iter) // cfg.train.checkpoint_every
             timed_out = _out_of_time(accelerator, cfg.train.time_limit_s, time.time() - t_start, device)
             if crossed or position.step >= cfg.train.max_steps or timed_out:
@@ -436,20 +439,21 @@ def save_checkpoint(accelerator, model, optimizer, cfg, position: Position, lora
     return final
 
 
-def _save_grid(run_dir: Path, it: int, groups, rewards: dict, G: int, metrics) -> None:
-    """One row per group: its G edits, each captioned with its rewards."""
-    from PIL import Image, ImageDraw
+def _save_grid(run_dir: Path, it: int, groups, rewards: dict, G: int, metrics, items) -> None:
+    """One row per group: its source image, then its G edits captioned with their rewards; the prompt
+    beneath. `items`: the (prompt_index, prompt, source) of each group, as sampled."""
+    from PIL import ImageDraw
 
-    thumbs = 160
-    grid = Image.new("RGB", (G * thumbs, len(groups) * (thumbs + 14)), "white")
-    draw = ImageDraw.Draw(grid)
+    rows = []
     for gi, g in enumerate(groups):
-        for j, img in enumerate(g.images):
-            t = img.copy()
-            t.thumbnail((thumbs, thumbs))
-            grid.paste(t, (j * thumbs, gi * (thumbs + 14)))
+        _, prompt, source = items[gi]
+        row = compose_panel(source, list(g.images), prompt.instruction, thumb=160)
+        draw = ImageDraw.Draw(row)
+        for j in range(len(g.images)):
             label = " ".join(f"{n[:4]}={_fmt(v[gi * G + j])}" for n, v in rewards.items())
-            draw.text((j * thumbs + 2, gi * (thumbs + 14) + thumbs), label, fill=(0, 0, 0))
+            draw.text(((j + 1) * 160 + 2, 2), label, fill=(255, 0, 0))
+        rows.append(row)
+    grid = stack(rows)
     out = run_dir / "grids" / f"iter-{it:06d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
