@@ -106,6 +106,9 @@ class RewardConfig:
     adv_clip: float = 5.0
     guidance_answer_max_tokens: int = 1024  # tokens of the guidance reward's answer round (reference: 1024)
     jigsaw_psnr_db: float = 20.0  # jigsaw_restore: reward 1 iff PSNR(edit, target) >= this
+    # Custom rewards: "module:function" or "path/to/file.py:function" entries (RL.md "Custom rewards"); each
+    # registers a reward under its name, weighted like the built-ins by reward.weights.
+    plugins: list = field(default_factory=list)
 
 
 @dataclass

@@ -17,6 +17,10 @@ Exact rule-based rewards for the procedural families (no network):
   maze_path_iou   IoU of the blue cells with the cells of the unique shortest path (1.0 iff exactly that
                   path is drawn; a dense signal for GRPO groups where no edit is fully right).
   jigsaw_restore  PSNR of the edit against the target image >= reward.jigsaw_psnr_db (default 20 dB).
+A smooth judge-free reward for any row with a target image (meta['target_image']):
+  target_similarity  -MSE of the edit against the target in [0, 1] pixel space (target_similarity):
+                  0 for a perfect edit, -1 at worst; None for rows without a target image.
+Custom rewards come from reward.plugins (load_plugins): "module:attr" or "path/to/file.py:attr".
 
 The trainer calls `check_routable` on the whole dataset before step 0, `compute_rewards` per step, and
 `check_failures` on the result (which aborts the run when the judge fails too often).
@@ -476,23 +480,48 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     return min(PSNR_CAP_DB, 10.0 * math.log10(255.0 ** 2 / mse))
 
 
-def jigsaw_psnr(edited: Image.Image, meta: dict, where: str = "row") -> float:
-    """PSNR of the edit, resized to the target's size, against meta['target_image'] (a path or a PIL image)."""
+def target_and_edit(edited: Image.Image, meta: dict, where: str = "row") -> Optional[tuple[Image.Image, Image.Image]]:
+    """(target, edit resized to the target's size), both RGB, from meta['target_image'] (a path, loaded by the
+    image rule, or a PIL image); None when the row has no target image."""
+    from .images import open_rgb8  # the image rule (16-bit, alpha, EXIF, ...); ImageError names the file
+
     target = meta.get("target_image")
     if target is None:
-        raise RewardConfigError(f"{where}: meta has no 'target_image' (keys: {sorted(meta)}); jigsaw_restore needs "
-                                "the restored original (RL/prepare_data.py writes it when the parquet has a "
-                                "target column)")
+        return None
     if not isinstance(target, Image.Image):
         path = Path(target)
         if not path.is_file():
             raise RewardConfigError(f"{where}: meta 'target_image' {str(path)!r} does not exist")
-        with Image.open(path) as im:
-            target = im.convert("RGB")
+        target = open_rgb8(path, f"{where} meta 'target_image' {path}")
+    target = target.convert("RGB")
     edit = edited.convert("RGB")
     if edit.size != target.size:
         edit = edit.resize(target.size, Image.BICUBIC)
-    return psnr(edit, target)
+    return target, edit
+
+
+def jigsaw_psnr(edited: Image.Image, meta: dict, where: str = "row") -> float:
+    """PSNR of the edit, resized to the target's size, against meta['target_image'] (a path or a PIL image)."""
+    pair = target_and_edit(edited, meta, where)
+    if pair is None:
+        raise RewardConfigError(f"{where}: meta has no 'target_image' (keys: {sorted(meta)}); jigsaw_restore needs "
+                                "the restored original (RL/prepare_data.py writes it when the parquet has a "
+                                "target column)")
+    return psnr(pair[1], pair[0])
+
+
+def target_similarity(edited: Image.Image, meta: dict, where: str = "row") -> Optional[float]:
+    """-mean((edit - target)^2) over all pixels and channels, both scaled to [0, 1] (the edit resized to the
+    target's size, bicubic): 0 for an exact edit, -1 at worst (e.g. black vs white). None without a target.
+
+    (Equivalently PSNR = -10 log10(-reward); the MSE is used because it stays smooth and bounded near a
+    perfect edit, where PSNR grows without bound.)"""
+    pair = target_and_edit(edited, meta, where)
+    if pair is None:
+        return None
+    target = np.asarray(pair[0], dtype=np.float64) / 255.0
+    edit = np.asarray(pair[1], dtype=np.float64) / 255.0
+    return -float(np.mean((edit - target) ** 2))
 
 
 class JigsawRestoreReward:
@@ -522,11 +551,27 @@ class JigsawRestoreReward:
         return rewards
 
 
+class TargetSimilarityReward:
+    """target_similarity of the edit (any task family); None for rows without a target image."""
+
+    name = "target_similarity"
+    needs_judge = False
+
+    async def score(self, inputs: Sequence[RewardInput], ctx: RewardContext) -> list[Optional[float]]:
+        def run() -> list[Optional[float]]:
+            return [target_similarity(x.edited, x.meta, where=f"batch row {i} ({x.instruction[:60]!r})")
+                    for i, x in enumerate(inputs)]
+
+        return await asyncio.to_thread(run)
+
+
 # ----------------------------------------------------------------------------------------------
 # Registry and the trainer's entry points
 # ----------------------------------------------------------------------------------------------
 REWARDS: dict[str, Any] = {r.name: r for r in (GuidanceReward(), CorrectnessReward(), MazePathReward(),
-                                               MazePathIoUReward(), JigsawRestoreReward())}
+                                               MazePathIoUReward(), JigsawRestoreReward(),
+                                               TargetSimilarityReward())}
+BUILTIN_REWARDS = frozenset(REWARDS)
 
 
 def register_reward(reward: Any) -> None:
@@ -534,6 +579,178 @@ def register_reward(reward: Any) -> None:
     if reward.name in REWARDS:
         raise RewardConfigError(f"reward {reward.name!r} is already registered")
     REWARDS[reward.name] = reward
+
+
+# ----------------------------------------------------------------------------------------------
+# Plugins: custom rewards named in reward.plugins (RL.md "Custom rewards")
+# ----------------------------------------------------------------------------------------------
+class PluginReward:
+    """A reward loaded from reward.plugins, with the built-ins' interface (`name`, `needs_judge`, async
+    `score`). It runs the plugin's callable (a sync one in a worker thread, so the judge loop keeps going) and
+    checks what comes back: one float or None per input, finite. Errors name the plugin entry."""
+
+    def __init__(self, spec: str, fn: Any, name: str, needs_judge: bool, takes_ctx: bool):
+        self.spec, self.fn, self.name, self.needs_judge, self.takes_ctx = spec, fn, name, needs_judge, takes_ctx
+
+    async def score(self, inputs: Sequence[RewardInput], ctx: RewardContext) -> list[Optional[float]]:
+        import inspect
+
+        args = (list(inputs), ctx) if self.takes_ctx else (list(inputs),)
+        if inspect.iscoroutinefunction(self.fn):
+            values = await self.fn(*args)
+        else:
+            values = await asyncio.to_thread(self.fn, *args)
+        return self.check(values, len(inputs))
+
+    def check(self, values: Any, n: int) -> list[Optional[float]]:
+        where = f"reward plugin {self.spec!r} (reward {self.name!r})"
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+            raise RewardConfigError(f"{where} returned {type(values).__name__}; it must return a list of "
+                                    f"{n} values (float, or None for no signal), one per input")
+        if len(values) != n:
+            raise RewardConfigError(f"{where} returned {len(values)} values for {n} inputs; it must return one "
+                                    "value (float, or None for no signal) per input")
+        out: list[Optional[float]] = []
+        for i, v in enumerate(values):
+            if v is not None:
+                try:
+                    if isinstance(v, (str, bytes)):  # "1" would convert: a contract slip, not a number
+                        raise TypeError
+                    v = float(v)
+                except (TypeError, ValueError):
+                    raise RewardConfigError(f"{where}: value {i} is {v!r}; use a float, or None for no "
+                                            "signal") from None
+                if not math.isfinite(v):
+                    raise RewardConfigError(f"{where}: value {i} is {v}; return None (no signal) instead of "
+                                            "NaN / inf")
+            out.append(v)
+        return out
+
+
+def _plugin_target(spec: str) -> Any:
+    """The object named by "module.sub:attr" (imported from sys.path) or "path/to/file.py:attr" (relative to
+    the working directory)."""
+    import importlib
+    import importlib.util
+    import hashlib
+
+    left, sep, attr = spec.rpartition(":")
+    if not sep or not left or not attr.isidentifier():
+        raise RewardConfigError(f"reward.plugins entry {spec!r}: write it as module:function or "
+                                "path/to/file.py:function")
+    try:
+        if left.endswith(".py") or "/" in left or "\\" in left:
+            path = Path(left).resolve()
+            if not path.is_file():
+                raise RewardConfigError(f"reward.plugins entry {spec!r}: file {str(path)!r} does not exist")
+            # a unique module name per file, so two plugin files called rewards.py do not collide
+            mod_name = f"etchr_rl_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+            mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(left)
+    except RewardConfigError:
+        raise
+    except BaseException as exc:  # SystemExit / SyntaxError in a plugin are its errors, reported as such
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise RewardConfigError(f"reward.plugins entry {spec!r}: importing {left!r} failed: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    if not hasattr(module, attr):
+        public = sorted(n for n in vars(module) if not n.startswith("_"))[:20]
+        raise RewardConfigError(f"reward.plugins entry {spec!r}: {left!r} has no attribute {attr!r} "
+                                f"(it has: {', '.join(public)})")
+    return getattr(module, attr)
+
+
+def _accepts(fn: Any, n: int) -> bool:
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(*([None] * n))
+        return True
+    except TypeError:
+        return False
+    except ValueError:  # no signature (some builtins): let the call decide
+        return n == 1
+
+
+def make_plugin_reward(spec: str, target: Any) -> PluginReward:
+    """Wrap what a reward.plugins entry names. Accepted (RL.md "Custom rewards"):
+      - a function f(inputs) or f(inputs, ctx), sync or async, returning one float | None per input; the reward
+        is named f.reward_name if set, else f.__name__; f.needs_judge (default False) marks judge use;
+      - a reward object with `name`, optional `needs_judge` (default False) and async score(inputs, ctx);
+      - a class of such objects, instantiated without arguments.
+    `inputs` is a list of RewardInput, `ctx` a RewardContext (ctx.judge, ctx.cfg, ctx.extras)."""
+    import inspect
+
+    where = f"reward.plugins entry {spec!r}"
+    if inspect.isclass(target):
+        try:
+            target = target()
+        except Exception as exc:
+            raise RewardConfigError(f"{where}: the class could not be instantiated without arguments: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+    if hasattr(target, "score"):
+        name = getattr(target, "name", None)
+        if not inspect.iscoroutinefunction(target.score) or not _accepts(target.score, 2):
+            raise RewardConfigError(f"{where}: a reward object needs an async method score(inputs, ctx)")
+        fn, takes_ctx = target.score, True
+    elif callable(target):
+        name = getattr(target, "reward_name", None) or getattr(target, "__name__", None)
+        if _accepts(target, 1):
+            takes_ctx = False
+        elif _accepts(target, 2):
+            takes_ctx = True
+        else:
+            raise RewardConfigError(f"{where}: {name} takes neither (inputs) nor (inputs, ctx); a reward function "
+                                    "is f(inputs: list[RewardInput]) -> list[float | None]")
+        fn = target
+    else:
+        raise RewardConfigError(f"{where} names a {type(target).__name__}, not a function, a reward object or a "
+                                "class")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise RewardConfigError(f"{where}: reward name {name!r} must be an identifier (it is the key in "
+                                "reward.weights and metrics.jsonl)")
+    return PluginReward(spec, fn, name, bool(getattr(target, "needs_judge", False)), takes_ctx)
+
+
+def load_plugins(specs: Sequence[str]) -> list[PluginReward]:
+    """Import every reward.plugins entry, wrap it (make_plugin_reward) and register it under its name.
+
+    A name of a built-in reward, or one that two entries share, is an error. Loading the same entries again
+    in one process (tests) replaces the earlier registration."""
+    plugins: list[PluginReward] = []
+    for spec in specs:
+        plugin = make_plugin_reward(str(spec), _plugin_target(str(spec)))
+        if plugin.name in BUILTIN_REWARDS:
+            raise RewardConfigError(f"reward.plugins entry {spec!r}: the name {plugin.name!r} is a built-in reward; "
+                                    "give the plugin another name (a function's reward_name attribute)")
+        clash = next((p for p in plugins if p.name == plugin.name), None)
+        if clash is not None:
+            raise RewardConfigError(f"reward.plugins entries {clash.spec!r} and {spec!r} both define reward "
+                                    f"{plugin.name!r}")
+        REWARDS[plugin.name] = plugin
+        plugins.append(plugin)
+    return plugins
+
+
+def probe_plugins(plugins: Sequence[PluginReward], inputs: list[RewardInput], cfg: Any) -> None:
+    """Call each judge-free plugin once on `inputs` (the trainer passes copies of the first prompt with its
+    source image as the edit), before any GPU work: a plugin that raises or returns the wrong number or kind
+    of values stops the run here with its name. Plugins that use the judge are checked on their first step."""
+    for p in plugins:
+        if p.needs_judge:
+            continue
+        ctx = RewardContext(judge=None, cfg=cfg, images=ImageURIs(), extras={})
+        try:
+            asyncio.run(p.score(inputs, ctx))
+        except RewardConfigError:
+            raise
+        except Exception as exc:
+            raise RewardConfigError(f"reward plugin {p.spec!r} (reward {p.name!r}) failed on a probe batch of "
+                                    f"{len(inputs)} inputs: {type(exc).__name__}: {exc}") from exc
 
 
 def get_reward(name: str) -> Any:
@@ -620,5 +837,5 @@ def check_failures(rewards: Rewards, max_failure_rate: float, judge: Optional[Ju
 __all__ = ["RewardInput", "RewardConfigError", "RewardFailure", "TASK_ROUTES", "FAMILIES", "family_of",
            "check_routable", "compute_rewards", "compute_rewards_sync", "failure_rate", "check_failures",
            "get_reward", "register_reward", "REWARDS", "maze_path_check", "maze_path_iou", "shortest_path_cells",
-           "jigsaw_psnr", "psnr",
+           "jigsaw_psnr", "psnr", "target_similarity", "load_plugins", "probe_plugins", "make_plugin_reward",
            "binary_verdict", "correctness_images"]

@@ -59,10 +59,11 @@ def test_check_routable_lists_the_first_bad_rows():
 
 
 def test_registry_and_unknown_names():
-    assert sorted(REWARDS) == ["correctness", "guidance", "jigsaw_restore", "maze_path", "maze_path_iou"]
+    assert sorted(REWARDS) == ["correctness", "guidance", "jigsaw_restore", "maze_path", "maze_path_iou",
+                               "target_similarity"]
     assert get_reward("guidance").needs_judge and not get_reward("maze_path").needs_judge
     with pytest.raises(RewardConfigError, match="unknown reward 'guidence'.*valid rewards: correctness, guidance, "
-                                                "jigsaw_restore, maze_path, maze_path_iou"):
+                                                "jigsaw_restore, maze_path, maze_path_iou, target_similarity"):
         get_reward("guidence")
     x = RewardInput("Draw a red box for the question. q", "q", "a", Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4)))
     with pytest.raises(RewardConfigError, match="unknown reward"):

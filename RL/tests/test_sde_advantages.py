@@ -81,6 +81,29 @@ def test_clipped_loss_by_hand():
     assert torch.allclose(clipped_loss(a, r, e, dt), expected)
 
 
+def test_clipped_loss_gradient_is_zero_only_where_clipped_on_the_pessimistic_side():
+    """d loss / d r = -A / |dt| inside [1 - e, 1 + e] and where the ratio moved against the advantage
+    (A > 0, r < 1 - e; A < 0, r > 1 + e); 0 where it already moved with it (A > 0, r > 1 + e; A < 0,
+    r < 1 - e): the pessimistic max keeps the clipped, constant term there."""
+    e, dt = 1e-4, -0.25
+    a = torch.tensor([2.0, 2.0, 2.0, -3.0, -3.0, -3.0], dtype=torch.float64)
+    r = torch.tensor([1 + 5e-4, 1 - 5e-4, 1 + 5e-5, 1 - 5e-4, 1 + 5e-4, 1 - 5e-5], dtype=torch.float64,
+                     requires_grad=True)
+    loss = clipped_loss(a, r, e, dt)
+    loss.sum().backward()
+    expected_grad = torch.tensor([0.0, -2.0 / 0.25, -2.0 / 0.25, 0.0, 3.0 / 0.25, 3.0 / 0.25], dtype=torch.float64)
+    assert torch.allclose(r.grad, expected_grad)
+    # values: the clipped rows sit at the bound, the others are -A r / |dt|
+    rd = r.detach()
+    expected = torch.stack([-2 * (1 + e) * torch.ones(()), -2 * rd[1], -2 * rd[2], 3 * (1 - e) * torch.ones(()),
+                            3 * rd[4], 3 * rd[5]]).double() / 0.25
+    assert torch.allclose(loss.detach(), expected)
+    # zero advantage: no gradient anywhere, clipped or not
+    r0 = torch.tensor([0.5, 1.0, 1.5], requires_grad=True)
+    clipped_loss(torch.zeros(3), r0, e, dt).sum().backward()
+    assert torch.all(r0.grad == 0)
+
+
 def test_group_normalise_with_none_and_degenerate_groups():
     r = [1.0, 0.0, 1.0, None, 0.5, None, 1.0, 1.0]
     g = [0, 0, 0, 0, 1, 1, 2, 2]
