@@ -345,7 +345,7 @@ def validate(accelerator, pipe, transformer, cfg, rows, step: int, metrics) -> N
         edit.save(out_dir / f"{i:03d}.png")
         images.append(edit)
         panels.append(compose_panel(ref, [edit], row.prompt))
-    stack(panels).save(out_dir / "panel.png")  # source | edit, prompt beneath; one row per item
+    stack(panels).save(out_dir.parent / f"panel-step-{step:06d}.png")  # source | edit, prompt beneath; a row per item
     model.train()
     if metrics._wandb is not None:
         import wandb

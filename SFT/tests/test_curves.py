@@ -41,7 +41,7 @@ def test_run_writes_curves_and_panel_and_honours_umask(tiny_models, sft_csv, tmp
                "train.validate_every=3", "train.validation_items=2", "train.validation_steps=2", umask=0o022)
     assert res.returncode == 0, res.stderr[-4000:]
     _png(run_dir / "curves.png")
-    panel = _png(run_dir / "validation" / "step-000003" / "panel.png")
+    panel = _png(run_dir / "validation" / "panel-step-000003.png")
     edit = Image.open(run_dir / "validation" / "step-000003" / "000.png")
     assert panel.shape[1] >= 2 * min(256, edit.width)  # source beside the edit
     for f in (run_dir / "config.yaml", run_dir / "curves.png"):
