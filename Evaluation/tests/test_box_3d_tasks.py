@@ -52,14 +52,16 @@ VSTAR_OPTIONS = options_from_list(["red", "blue", "dark green", "white"])
 CHOICE_TABLE = [
     ("\\boxed{B}", 1.0), ("The jacket is blue, so \\boxed{B}.", 1.0), ("\\boxed{(B)}", 1.0), ("\\boxed{B. blue}", 1.0),
     ("\\boxed{B: blue}", 1.0), ("\\boxed{blue}", 1.0), ("\\boxed{Blue.}", 1.0), ("\\boxed{\\text{B}}", 1.0),
-    ("\\boxed{b}", 1.0), ("(B)", 1.0), ("B. blue", 1.0), ("B", 1.0), ("blue", 1.0),
+    ("\\boxed{b}", 0.0),  # VLMEvalKit can_infer: option letters are upper case only
+    ("(B)", 1.0), ("B. blue", 1.0), ("B", 1.0), ("blue", 1.0),
     ("Looking closely at the jacket.\nThe answer is (B).", 1.0), ("Reasoning...\nAnswer: B", 1.0),
     ("The answer is B.", 1.0), ("Answer: (B) blue", 1.0),
     ("\\boxed{A} no wait, \\boxed{B}", 1.0),
     ("\\boxed{B} no wait, \\boxed{A}", 0.0), ("\\boxed{A}", 0.0), ("\\boxed{red}", 0.0), ("\\boxed{E}", 0.0),
-    ("\\boxed{B or C}", 0.0), ("\\boxed{green}", 0.0), ("\\boxed{}", 0.0), ("I think it is B", 0.0),
-    ("\\boxed{B", 0.0), ("Long reasoning\nwithout any final answer", 0.0), ("", 0.0), (None, 0.0),
-    ("the answer is a blue one\nso that is it", 0.0),  # lower-case "a" is not option A; no letter given
+    ("\\boxed{B or C}", 0.0), ("\\boxed{green}", 0.0), ("\\boxed{}", 0.0),
+    # no box: VLMEvalKit matches the whole reply, so one upper-case letter or one option's text names it
+    ("I think it is B", 1.0), ("\\boxed{B", 1.0), ("I think it is B or C", 0.0), ("Long reasoning\nwithout any final answer", 0.0), ("", 0.0), (None, 0.0),
+    ("the answer is a blue one\nso that is it", 1.0),  # lower-case "a" is not option A; "blue" names B
 ]
 
 
@@ -167,6 +169,13 @@ VERDICTS = [
     ("0.", 0), ("Correct", 1), ("incorrect", 0), ("**Yes**", 1), ("The response says 12 vs 12.\nJudgment: 1", 1),
     ("verdict = 0", 0), ("\\boxed{A}", None), ("\\boxed{}", None), ("garbage", None), ("I am not sure.", None),
     ("<html>oops</html>", None), ("", None), (None, None), ("10", None),
+    # CharXiv's own JSON reply (princeton-nlp/CharXiv src/reasoning_utils.py): whole, fenced, or in prose
+    ('{"extracted_answer": "12", "score": 1}', 1), ('{"extracted_answer": "7", "score": 0}', 0),
+    ('```json\n{"extracted_answer": "12", "score": 1}\n```', 1), ('Graded: {"extracted_answer": "3", "score": 0} done', 0),
+    ('{"extracted_answer": "\\\\boxed{1}", "score": 0}', 0), ('{"extracted_answer": "12", "score": "1"}', None),
+    ('{"score": 1}', None), ('{"extract_answer_T1": "x", "score_T1": 1}', 1),
+    ("Not correct", 0), ("not  correct.", 0), ("Judgment: Not correct", 0), ("Verdict: Correct", 1),
+    ("The answer is not correct", None),
 ]
 
 
@@ -374,6 +383,54 @@ def test_chartqa_parquet(tmp_path):
     pq.write_table(_chartqa_table(split=(0, 2)), bad)
     with pytest.raises(DataError, match=r"bad_split\.parquet row 1: column 'human_or_machine' must be 0"):
         get_task("chartqa").load(str(bad), None)
+
+
+class _CopyEditor:
+    """Stands in for the GPU: the 'edit' is the source image, saved."""
+
+    def __init__(self, root):
+        self.root, self.stats = root, {"edits": 0, "cache_hits": 0, "edit_seconds": 0.0}
+
+    def edit(self, image, prompt, seed):
+        path = self.root / f"{seed}.png"
+        image.save(path)
+        self.stats["edits"] += 1
+        return image, path, 0.0, False
+
+
+def test_charxiv_judge_replies_through_the_loop(tmp_path, make_double_server):
+    """CharXiv's JSON reply (fenced), "Not correct" and a reply with no verdict, through run_task."""
+    import asyncio
+
+    from etchr_eval.client import MLLMClient
+    from etchr_eval.loop import LoopSettings, run_task
+    from etchr_eval.results import ResultStore
+
+    table = pa.table({"image": pa.array([{"bytes": png(), "path": "x.png"}] * 3, IMAGE_STRUCT),
+                      "question": ["Title?", "Bars?", "Peak?"], "answer": ["Sales", "4", "9"],
+                      "grading_instruction": ["", "", ""]})
+    path = tmp_path / "charxiv_rq.parquet"
+    pq.write_table(table, path)
+    task = get_task("charxiv_rq")
+    srv = make_double_server(rules=[
+        ("Ground truth answer: Sales", 'Sure.\n```json\n{"extracted_answer": "Sales", "score": 1}\n```'),
+        ("Ground truth answer: 4", "Not correct"), ("Ground truth answer: 9", "I cannot tell.")],
+        default_answer="\\boxed{A}")
+    store = ResultStore(tmp_path / "run")
+
+    async def go():
+        client = MLLMClient([srv.base_url], "m", max_retries=0)
+        try:
+            await run_task(task, task.load(str(path), None), _CopyEditor(tmp_path), client, store,
+                           LoopSettings(run_dir=str(store.run_dir)))
+        finally:
+            await client.aclose()
+    asyncio.run(go())
+    rows = {row["id"]: row for row in store.rows.values()}
+    assert rows["0"]["etchr_score"] == 1.0 and rows["0"]["baseline_score"] == 1.0
+    assert rows["1"]["etchr_score"] == 0.0 and rows["1"]["etchr_detail"]["judge_response"] == "Not correct"
+    assert rows["2"]["status"] == "failed" and "etchr_score" not in rows["2"]  # no verdict: a failure, not a 0
+    assert "holds no verdict" in rows["2"]["errors"]["score"]
 
 
 def test_charxiv_parquet(tmp_path):

@@ -17,10 +17,21 @@ Grading: the judge (cfg.judge, else the evaluated MLLM, through the same OpenAI 
 judge_charxiv_v1.txt filled with the question, ground truth, instruction, the extracted answer and the
 full response, and answers \\boxed{1} or \\boxed{0}. A judge reply with no verdict is a failure record
 (like a failed request), never a 0. An empty response is not sent to the judge: it scores 0.
+
+Official rule (princeton-nlp/CharXiv, src/reasoning_utils.py get_reasoning_result_gpt and
+src/descriptive_utils.py get_descriptive_result_gpt / verify_grading_output; src/get_stats.py
+get_*_scores): the judge's whole reply is read with json.loads; its "score" (descriptive: "score_T<i>",
+next to "extract_answer_T<i>"; reasoning: next to "extracted_answer") must be in [0, 1], else the reply
+is retried and finally scored -1, which get_stats counts as invalid (and 0). `parse_verdict` gives that
+reply the official verdict, and also reads the same object inside ```json fences or extra text, our
+prompt's \\boxed{1}/\\boxed{0}, and a bare or labelled Correct / Not correct / Incorrect. Where the
+official code finds no verdict and none of those forms holds one, ours is a failure record (retried on
+rerun) rather than the official 0: a judge that says nothing is not a wrong answer.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Optional
 
@@ -35,8 +46,13 @@ from .choice import STAGES, pct_by
 JUDGE_PROMPT = "judge_charxiv_v1"
 NO_ANSWER = "(no \\boxed{} answer found)"
 _FIELDS = re.compile(r"\{(question|gt_answer|instruction|extracted|response)\}")
-_WORDS = {"1": 1, "yes": 1, "correct": 1, "true": 1, "0": 0, "no": 0, "incorrect": 0, "false": 0, "wrong": 0}
-_LABELLED = re.compile(r"(?:judg(?:e)?ment|verdict|output|score)\s*[:=]\s*\**\s*([01])\b", re.I)
+_WORDS = {"1": 1, "yes": 1, "correct": 1, "true": 1, "0": 0, "no": 0, "incorrect": 0, "false": 0, "wrong": 0,
+          "not correct": 0}
+# "not correct" before "correct", so that "Judgment: Not correct" is a 0.
+_LABELLED = re.compile(r"(?:judg(?:e)?ment|verdict|output|score)\s*[:=]\s*\**\s*(not correct|incorrect|correct|[01])\b",
+                       re.I)
+# CharXiv's reply keys: reasoning {"extracted_answer", "score"}, descriptive (one triplet) {"extract_answer_T1", "score_T1"}.
+_JSON_KEYS = (("extracted_answer", "score"), ("extract_answer_T1", "score_T1"))
 
 
 def load(path: str, limit: Optional[int] = None) -> list[Item]:
@@ -72,23 +88,67 @@ def judge_request(pred: Optional[str], response: str, item: Item) -> Optional[st
     return _FIELDS.sub(lambda m: values[m.group(1)], load_prompt(JUDGE_PROMPT))
 
 
+def _json_verdict(obj) -> Optional[int]:
+    """CharXiv's reading of one decoded reply: 1 / 0, or None (the official code retries, then scores -1)."""
+    if not isinstance(obj, dict):
+        return None
+    for answer_key, score_key in _JSON_KEYS:
+        if answer_key in obj and score_key in obj:
+            value = obj[score_key]
+            # Python's `value in [0, 1]`, as CharXiv checks it (True, 1.0 pass); a string "1" does not.
+            if not isinstance(value, (str, list, dict)) and value in (0, 1):
+                return int(value)
+            return None
+    return None
+
+
+def _embedded_objects(text: str) -> list:
+    """Every JSON object that starts at some "{" of `text` (fenced or in prose), in order."""
+    decoder, found, pos = json.JSONDecoder(), [], text.find("{")
+    while pos != -1:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            pos = text.find("{", pos + 1)
+            continue
+        found.append(obj)
+        pos = text.find("{", end)
+    return found
+
+
 def parse_verdict(reply: Optional[str]) -> Optional[int]:
     """1 / 0 from a judge reply; None when it holds no verdict.
 
-    The last \\boxed{} decides when present ("1", "0", or yes/no/correct/incorrect words); otherwise a
-    reply that is only such a word or digit, or a last "Judgment: 1" / "Verdict = 0" line.
+    In order: a reply that is wholly a JSON object decides by CharXiv's own rule (see the module
+    docstring); else the last CharXiv JSON object inside the text (```json fences, prose around it);
+    else the last \\boxed{} ("1", "0", or yes/no/correct/incorrect words); else a reply that is only
+    such a word or digit; else a last "Judgment: 1" / "Verdict = Not correct" line.
     """
     if reply is None:
         return None
+    try:
+        whole = json.loads(reply)
+    except ValueError:
+        whole = None  # not JSON: the other forms below
+    if isinstance(whole, dict):
+        return _json_verdict(whole)
+    # Before \\boxed{}: the object's extracted answer may itself quote a "\\boxed{12}".
+    embedded = [obj for obj in _embedded_objects(reply) if isinstance(obj, dict)
+                and any(a in obj and k in obj for a, k in _JSON_KEYS)]
+    if embedded:
+        return _json_verdict(embedded[-1])
     boxed = last_boxed(reply)
     if boxed is not None:
         word = re.sub(r"^\\text\{(.*)\}$", r"\1", boxed.strip()).strip(" .*'\"").lower()
         return _WORDS.get(word)
-    bare = reply.strip().strip(" .*'\"`").lower()
+    bare = re.sub(r"\s+", " ", reply.strip().strip(" .*'\"`!").lower())
     if bare in _WORDS:
         return _WORDS[bare]
     labelled = _LABELLED.findall(reply)
-    return int(labelled[-1]) if labelled else None
+    if not labelled:
+        return None
+    last = labelled[-1].lower()
+    return int(last) if last in ("0", "1") else _WORDS[last]
 
 
 def judge_score(reply: str, item: Item) -> dict:
