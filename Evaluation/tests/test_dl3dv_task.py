@@ -14,16 +14,27 @@ CAND = "A: red box; B: blue ball; C: the green cone; D: none of them"
 
 
 @pytest.mark.parametrize("pred,expected", [
-    ("C", 1.0), ("c", 1.0), ("C.", 1.0), ("C. the green cone", 1.0), ("C: text", 1.0), ("(C)", 1.0),
+    ("C", 1.0), ("c", 0.0), ("C.", 1.0), ("C. the green cone", 1.0), ("C: text", 1.0), ("(C)", 1.0),
     ("C) the green cone", 1.0), ("the green cone", 1.0), ("The Green Cone.", 1.0), ("\\text{C}", 1.0),
     ("B", 0.0), ("blue ball", 0.0), ("E", 0.0), ("green", 0.0), ("", 0.0), (None, 0.0),
-    ("C or D", 0.0), ("I think it is C", 0.0),
+    # VLMEvalKit can_infer: upper-case letters only; one letter among words names it, two name nothing
+    ("C or D", 0.0), ("I think it is C", 1.0), ("\\boxed{Option C}", 1.0), ("A: I think C", 0.0),
 ])
 def test_score_table(pred, expected):
     from etchr_eval.tasks.base import Item
 
     item = Item(id="0", question="q", answer="C", meta={"options": parse_options(CAND)}, source="t row 0")
     assert score(pred, item)["score"] == expected
+
+
+@pytest.mark.parametrize("cand,expected", [
+    ("A: the U.S. flag; B: a tree", {"A": "the U.S. flag", "B": "a tree"}),  # no phantom option U
+    ("A. left B. right C. front", {"A": "left", "B": "right", "C": "front"}),
+    ("(A) Dr. X; (B) Mr. Y. Z", {"A": "Dr. X", "B": "Mr. Y. Z"}),
+    ("B: out of order; C: no A", {}),
+])
+def test_parse_options_takes_only_labels_in_order(cand, expected):
+    assert parse_options(cand) == expected
 
 
 @pytest.mark.parametrize("gt", ["C", "C. the green cone", "C: the green cone", "the green cone"])

@@ -11,6 +11,7 @@ import pytest
 
 from etchr_eval.extract import verify_verdict
 from etchr_eval.tasks import DataError, Item, get_task
+from etchr_eval.tasks.choice import options_from_list, parse_options
 from etchr_eval.tasks.maze import shortest_len
 
 PARITY = sorted((Path(__file__).parent / "parity").glob("*.json"))
@@ -28,6 +29,13 @@ def _item(task: str, case: dict) -> Item:
                     meta={"rows": case["gt"], "blocked": blocked, "shortest_len": shortest_len(case["gt"], blocked)})
     if task == "coco_jigsaw":
         return Item(id="0", question="q", answer=case["gt"], source="parity")
+    if task in ("vstar", "hrbench_4k", "viewspatial"):
+        options = options_from_list(case["options"])
+        return Item(id="0", question="q", answer=case["gt"], source="parity",
+                    meta={"options": options, "category": "c", "cycle": "0", "question_type": "Person-RelDir"})
+    if task == "dl3dv":
+        return Item(id="0", question="q", answer=case["gt"], meta={"options": parse_options(case["candidates"])},
+                    source="parity")
     raise KeyError(f"no parity item builder for task {task!r}")
 
 

@@ -1,9 +1,17 @@
 """Multiple-choice helpers shared by the letter-scored tasks (V*, HRBench, ViewSpatial, DL3DV-2k), and the
 per-group accuracy helper of the task aggregates.
 
-Options live in `Item.meta["options"]` as {"A": "red", "B": "blue", ...}. A prediction or ground truth
-may be "B", "(B)", "B.", "B. red", "B: red", "B) red", "\\text{B}" or the option's text; anything else
-names no option and scores 0.
+Options live in `Item.meta["options"]` as {"A": "red", "B": "blue", ...}. Which option an answer names
+follows VLMEvalKit's exact-matching rule (open-compass/VLMEvalKit, vlmeval/utils/matching_util.py,
+`can_infer` = `can_infer_option`, else `can_infer_text`; no LLM judge):
+- option: the characters .()[],:;!*#{} become spaces, the text is split on whitespace, and the answer
+  is the one option letter (upper case, one of the item's keys) that stands as a whole token; two or
+  more different letters name nothing. So "Option C", "\\textbf{C}", "B - green", "green (B)", "(C)",
+  "C." and "Answer: I believe it is C." all name their letter ("I" is not an option);
+- text: else, when the answer is at most twice the options' total length, the one option whose
+  lower-cased text occurs in the lower-cased answer ("green" alone names the only green option).
+(Some VLMEvalKit revisions add a token-position condition to the option step that rejects a lone "C";
+the long-standing rule, used here, accepts it.)
 """
 
 from __future__ import annotations
@@ -20,8 +28,15 @@ _OPTION = re.compile(r"(?:^|[\s;,\n(])\(?([A-Z])\s*[:.)]\s*")
 
 
 def parse_options(candidates: str) -> dict[str, str]:
-    """"A: red box; B. blue box; (C) tree" -> {"A": "red box", "B": "blue box", "C": "tree"}."""
-    marks = list(_OPTION.finditer(candidates))
+    """"A: red box; B. blue box; (C) tree" -> {"A": "red box", "B": "blue box", "C": "tree"}.
+
+    Only labels in letter order from A count ("A: the U.S. flag; B: ..." has no option U): a letter
+    mark that is not the next expected label is part of the current option's text.
+    """
+    marks = []
+    for m in _OPTION.finditer(candidates):
+        if len(marks) < len(LETTERS) and m.group(1) == LETTERS[len(marks)]:
+            marks.append(m)
     out: dict[str, str] = {}
     for k, m in enumerate(marks):
         end = marks[k + 1].start() if k + 1 < len(marks) else len(candidates)
@@ -44,51 +59,48 @@ def mc_question(question: str, options: dict[str, str]) -> str:
     return f"{question.strip()}\n{format_options(options)}\n{MC_INSTRUCTION}"
 
 
-def _norm_text(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+_SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
+
+
+def infer_option(answer: str, options: dict[str, str]) -> Optional[str]:
+    """VLMEvalKit can_infer_option: the one option letter standing as a token; None if none or several."""
+    tokens = set(answer.translate(_SEPARATORS).split())
+    hits = [k for k in options if k in tokens]
+    return hits[0] if len(hits) == 1 else None
+
+
+def infer_text(answer: str, options: dict[str, str]) -> Optional[str]:
+    """VLMEvalKit can_infer_text: the one option whose text is inside the answer (case-insensitive)."""
+    answer = answer.lower()
+    if len(answer) > 2 * sum(len(str(v)) for v in options.values()):
+        return None  # a long reply quoting options is not an answer
+    hits = [k for k, v in options.items() if str(v).strip() and str(v).lower() in answer]
+    return hits[0] if len(hits) == 1 else None
 
 
 def to_letter(text: Optional[str], options: dict[str, str]) -> Optional[str]:
-    """Map an answer in any accepted form to its option letter; None if it names no option."""
+    """The option letter an answer names (VLMEvalKit can_infer, see the module docstring); None if none.
+
+    With no options known (a candidates string without labels) only a lone letter is accepted.
+    """
     if text is None:
         return None
-    s = text.strip()
-    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s).strip()
-    # "(C)", "(C", "(C) text", "(C). text"; or "C", "C.", "C:", "C)" with optional text after the mark.
-    # A bare letter followed by words ("C or D", "I think ...") is not an answer.
-    m = (re.fullmatch(r"\(([A-Za-z])(?:\)(?:\s*[:.]?\s*.*)?)?", s, flags=re.S)
-         or re.fullmatch(r"([A-Za-z])(?:\s*[:.)]\s*.*)?", s, flags=re.S))
-    if m and (m.group(1).upper() in options or not options):
-        return m.group(1).upper()
-    target = _norm_text(s)
-    if target:
-        for letter, opt in options.items():
-            if _norm_text(opt) == target:
-                return letter
-    return None
-
-
-# Only "answer"/"is" ignore case: a lower-case "a" in "the answer is a red box" is not option A.
-_ANSWER_IS = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*:?\s*\(?([A-Z])\b\)?")
+    if not options:
+        m = re.fullmatch(r"\s*\(?([A-Z])[).:]?\s*", text)
+        return m.group(1) if m else None
+    return infer_option(text, options) or infer_text(text, options)
 
 
 def extract_choice(response: Optional[str]) -> Optional[str]:
-    """The answer part of a multiple-choice response.
+    """The answer part of a multiple-choice response (V*, HRBench: VLMEvalKit matches the whole reply).
 
-    The protocol asks for \\boxed{}, so the last box wins. Without one: the last "answer is B" /
-    "Answer: (B)", else a one-line reply taken whole ("B", "(B) red"; to_letter decides whether it names
-    an option). None when nothing answer-like is found.
+    The protocol asks for \\boxed{}, so the last box wins; without one the whole response is the
+    answer and to_letter decides (several letters in it name nothing). None for an empty response.
     """
     boxed = last_boxed(response)
     if boxed is not None:
         return boxed.strip()
-    if not response or not response.strip():
-        return None
-    text = response.strip()
-    hits = _ANSWER_IS.findall(text)
-    if hits:
-        return hits[-1]
-    return text if "\n" not in text and len(text) <= 80 else None
+    return response.strip() if response and response.strip() else None
 
 
 def letter_score(pred: Optional[str], options: dict[str, str], gt_letter: str, **detail) -> dict:

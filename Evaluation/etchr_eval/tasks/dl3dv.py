@@ -1,8 +1,11 @@
 """DL3DV-2k (internlm/DL3DV-2k): multiple choice on a 3D scene; DATA.md section 1.3.
 
 Question text = "Question: " + question + "Candidates: " + candidates (no separator, as the reference).
-Scoring normalises prediction and ground truth to the option letter; a prediction may be "C", "C.",
-"C: text", "(C)", "C) text" or the option's text.
+DL3DV-2k has no official scorer (the reference only logs the model's answers), so our rule is
+documented here and in DATA.md 1.3: the answer is the last \\boxed{} (no box scores 0), and prediction
+and ground truth are both normalised to the option letter by choice.to_letter (VLMEvalKit can_infer:
+"C", "C.", "(C)", "Option C", "C: text", the option text alone; several letters name nothing).
+Options come from `candidates` by choice.parse_options (labels A, B, C, ... in order only).
 """
 
 from __future__ import annotations

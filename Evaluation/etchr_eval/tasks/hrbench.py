@@ -7,7 +7,9 @@ the rows that share it).
 
 Each cycle_category holds every question once, with its options in one cyclic order. The reported
 number is VLMEvalKit's: accuracy within each cycle_category, then the mean over cycles; FSP and FCP
-likewise (per cycle, then averaged). Scoring: option letter.
+likewise (per cycle, then averaged). Scoring as VLMEvalKit (open-compass/VLMEvalKit,
+vlmeval/utils/matching_util.py, `can_infer`, exact-matching mode, no LLM judge) on the last \\boxed{}
+if there is one, else on the WHOLE response: it must name exactly one option (choice.to_letter).
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ row numbers in the whole file.
 
 Image paths resolve against the file's folder; the release writes them as "ViewSpatial-Bench/<zip
 folder>/...", so that first component is dropped when the path does not exist as written.
-Scoring: option letter (same forms as DL3DV).
+Scoring. With a \\boxed{} answer (the protocol's answer slot) the last box is read by choice.to_letter
+(VLMEvalKit can_infer: "Option C", "green (B)", the option text alone). Without a box we apply the
+official rule, ZJU-REAL/ViewSpatial-Bench, evaluate.py, `evaluate_vlm` + `extract_option`: only the
+response's last line counts, and its answer is the first standalone letter A-D, case-insensitive
+(`\\b([A-D])\\b`), so "it is a chair" on the last line reads A and a letter on an earlier line is ignored.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Optional
 import numpy as np
 
 from .base import DataError, Item, Task, read_table, register
-from .choice import extract_choice, letter_score, mc_question, options_from_list, parse_options, to_letter
+from ..extract import last_boxed
+from .choice import letter_score, mc_question, options_from_list, parse_options, to_letter
 
 KEYS = ("question_type", "image_path", "question", "answer", "choices")
 PERSON_RELDIR = {"personperspectiverelativedirection", "personreldir"}
@@ -99,13 +104,27 @@ def load(path: str, limit: Optional[int] = None) -> list[Item]:
     return items
 
 
+_OFFICIAL_LETTER = re.compile(r"\b([A-D])\b", re.IGNORECASE)
+
+
+def extract(response: Optional[str]) -> Optional[str]:
+    """Last \\boxed{} content; else the official last-line letter (module docstring); None if neither."""
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return boxed.strip()
+    if not response:
+        return None
+    m = _OFFICIAL_LETTER.search(response.split("\n")[-1])
+    return m.group(1).upper() if m else None
+
+
 def score(pred: Optional[str], item: Item) -> dict:
     return letter_score(pred, item.meta["options"], item.answer, question_type=item.meta["question_type"])
 
 
 TASK = register(Task(
     name="viewspatial", family="3d", edit_prefix="edit_prefix_3d_v1", verify_prompt="verify_dl3dv_v1",
-    load=load, extract=extract_choice, score=score,
+    load=load, extract=extract, score=score,
     description="ViewSpatial-Bench Person-RelDir multiple choice (JSON: question_type, image_path, question, "
                 "answer, choices; images relative to the file)",
 ))
