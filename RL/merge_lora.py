@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from etchr_rl.checkpoint import meta, read_meta  # noqa: E402
 from etchr_rl.lora import fuse_lora, read_lora  # noqa: E402
-from etchr_rl.runtime import current_umask  # noqa: E402
+from etchr_rl.runtime import current_umask, honour_umask  # noqa: E402
 
 
 def weights_dtype(component_dir: Path) -> torch.dtype:
@@ -73,6 +73,7 @@ def merge(base: str, lora: str, out: str, alpha=None, scale: float = 1.0) -> Pat
                  parents=[base_meta, lora_meta])
         (tmp / "meta.json").write_text(json.dumps(m, indent=2, sort_keys=True, default=str) + "\n")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        honour_umask(tmp)  # safetensors writes 0600, copied base files keep theirs
         tmp.rename(out_dir)
     finally:
         if tmp.exists():

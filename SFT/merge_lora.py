@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from etchr_sft.checkpoint import meta, read_meta  # noqa: E402
 from etchr_sft.lora import fuse_lora, read_lora  # noqa: E402
-from etchr_sft.runtime import current_umask  # noqa: E402
+from etchr_sft.runtime import current_umask, honour_umask  # noqa: E402
 
 
 def weights_dtype(component_dir: Path) -> torch.dtype:
@@ -80,6 +80,7 @@ def _write_pipeline(base_dir: Path, out_dir: Path, write_transformer: Callable[[
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         write_transformer(tmp / "transformer")
         (tmp / "meta.json").write_text(json.dumps(meta_obj, indent=2, sort_keys=True, default=str) + "\n")
+        honour_umask(tmp)  # safetensors writes 0600, copied base files keep theirs
         tmp.rename(out_dir)
     finally:
         if tmp.exists():

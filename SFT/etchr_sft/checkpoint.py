@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .runtime import atomic_write_json, atomic_write_text, git_sha, print0
+from .runtime import atomic_write_json, atomic_write_text, git_sha, honour_umask, print0
 
 SCHEMA_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -76,6 +76,7 @@ def meta(*, kind: str, step: Optional[int], base_model: str, config: dict, lora:
 def finalize(tmp: Path, final: Path, meta_obj: dict, keep_last: int) -> None:
     """meta.json last (its presence marks a complete checkpoint), rename into place, prune, point latest."""
     atomic_write_json(tmp / "meta.json", meta_obj)
+    honour_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -85,6 +85,19 @@ def current_umask() -> int:
     return mask
 
 
+def honour_umask(root: str | os.PathLike) -> None:
+    """Give every file under `root` mode 0666 & ~umask and every folder 0777 & ~umask: safetensors'
+    save_file and mkdtemp create 0600 / 0700, which a colleague on a shared filesystem cannot read."""
+    mask = current_umask()
+    root = Path(root)
+    os.chmod(root, (0o777 if root.is_dir() else 0o666) & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

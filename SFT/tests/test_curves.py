@@ -48,15 +48,19 @@ def test_run_writes_curves_and_panel_and_honours_umask(tiny_models, sft_csv, tmp
         assert _mode(f) == 0o644, (f, oct(_mode(f)))
     ck = run_dir / "checkpoints" / "step-000003"
     assert _mode(ck) == 0o755
-    # the tree's own writes (JSON); safetensors' save_file makes 0600 files itself (not covered here)
-    assert all(_mode(f) == 0o644 for f in ck.rglob("*.json")) and _mode(ck / "training_state") == 0o755
+    # every file of the checkpoint, safetensors' own 0600 files included (finalize applies the umask)
+    files = [f for f in ck.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert all(_mode(f) == 0o644 for f in files), [(str(f), oct(_mode(f))) for f in files if _mode(f) != 0o644]
+    assert _mode(ck / "training_state") == 0o755
     # the merge of that checkpoint: a 0755 pipeline dir (mkdtemp's 0700 undone)
     out = tmp_path / "merged"
     res = subprocess.run([sys.executable, str(SFT_DIR / "merge_lora.py"), "--base", str(tiny_models.flux), "--lora",
                           str(ck), "--out", str(out)], capture_output=True, text=True, timeout=600,
                          preexec_fn=lambda: os.umask(0o022))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _mode(out) == 0o755 and _mode(out / "meta.json") == 0o644
+    assert _mode(out) == 0o755 and all(_mode(f) == 0o644 for f in out.rglob("*") if f.is_file())
+    assert all(_mode(d) == 0o755 for d in out.rglob("*") if d.is_dir())
 
 
 def test_curves_continue_after_resume_and_skip_torn_rows(tmp_path):
