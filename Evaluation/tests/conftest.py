@@ -29,6 +29,8 @@ def _load(name: str, path: Path):
 
 double_server_mod = _load("etchr_eval_tests_double_server", HERE / "double_server.py")
 fixture_mod = _load("etchr_scripts_make_dl3dv_fixture", REPO / "scripts" / "make_dl3dv_fixture.py")
+# Entry-point helpers (run_eval, base_args, ...): test modules take it as sys.modules["etchr_eval_tests_evalrun"].
+evalrun_mod = _load("etchr_eval_tests_evalrun", HERE / "evalrun.py")
 
 
 @pytest.fixture(scope="session")

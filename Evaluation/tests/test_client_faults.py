@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import importlib.util
 import logging
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from etchr_eval.client import EndpointError, MLLMClient, retry_after_s, server_message, user_message
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ev = _load("etchr_eval_tests_evalrun", Path(__file__).resolve().parent / "evalrun.py")
+ev = sys.modules["etchr_eval_tests_evalrun"]  # loaded by conftest.py
 
 
 def _client(urls, model="double", **kw):

@@ -17,29 +17,9 @@ from pathlib import Path
 
 import pytest
 
-EVAL_DIR = Path(__file__).resolve().parents[1]
-REPO = EVAL_DIR.parent
-
-CONFIG = str(REPO / "configs" / "eval" / "tiny_demo.yaml")
-
-
-def run_eval(args: list[str], *, script="evaluate.py", timeout=600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EVAL_DIR / script)] + args, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env or os.environ.copy())
-
-
-def base_args(tiny_models, run_dir, data, url, model, extra=()):
-    return ["--config", CONFIG, f"editor.pipe_path={tiny_models.flux}", f"mllm.model={model}",
-            f"mllm.endpoints=[{url}]", f"tasks.dl3dv.path={data}", f"run_dir={run_dir}", *extra]
-
-
-def rows_of(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "results.jsonl").read_text().splitlines() if line.strip()]
-
-
-def ok(res):
-    assert res.returncode == 0, f"exit {res.returncode}\nSTDOUT\n{res.stdout[-4000:]}\nSTDERR\n{res.stderr[-6000:]}"
-    return res
+ev = sys.modules["etchr_eval_tests_evalrun"]  # loaded by conftest.py
+EVAL_DIR, REPO, CONFIG = ev.EVAL_DIR, ev.REPO, ev.CONFIG
+run_eval, base_args, rows_of, ok, _free_port = ev.run_eval, ev.base_args, ev.rows_of, ev.ok, ev.free_port
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,14 +209,6 @@ def test_torchrun_two_ranks_equals_one_process(tiny_models, dl3dv_parquet, tmp_p
     s2 = json.loads((two / "summary.json").read_text())["tasks"]["dl3dv"]
     for k in ("items", "scored", "failed", "etchr_pass1", "baseline_pass1", "verify_accept_rate", "edits_made"):
         assert s1[k] == s2[k], k
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------

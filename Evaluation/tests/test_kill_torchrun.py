@@ -8,7 +8,6 @@ item) shows up as a repeated key. ETCHR_KILL_TRIALS=N runs N random kill moments
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -20,20 +19,9 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ev = _load("etchr_eval_tests_evalrun", HERE / "evalrun.py")
+ev = sys.modules["etchr_eval_tests_evalrun"]  # loaded by conftest.py
 
 WRAPPER = '''
 import runpy, sys
