@@ -17,7 +17,6 @@ only failed ones; edits are cached, so evaluating a second MLLM reuses the first
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ from etchr_eval.prompts import load_prompt  # noqa: E402
 from etchr_eval.results import ResultStore, consolidate, read_rows, result_files  # noqa: E402
 from etchr_eval.runtime import RunDirLock, RunDirLocked, atomic_write_json  # noqa: E402
 from etchr_eval.tasks import DataError, get_task  # noqa: E402
+from etchr_eval.tasks.maze import scoring_variant  # noqa: E402
 
 # Errors that stop a run at start with one line naming the key, file, endpoint or model (exit 2).
 START_ERRORS = (ConfigError, DataError, EndpointError, FileNotFoundError, KeyError, FingerprintMismatch,
@@ -106,7 +106,8 @@ def run(cfg, on_row=None) -> dict:
         raise ConfigError("no tasks configured: add tasks.<name>.path=<data file> (registered tasks: "
                           f"{', '.join(sorted(__import__('etchr_eval.tasks', fromlist=['TASKS']).TASKS))})")
     # ---------------------------------------------------------------- build (checks before any write)
-    tasks = {name: get_task(name) for name in cfg.tasks}  # unknown task -> error listing the valid ones
+    # unknown task -> error listing the valid ones; cfg.scoring picks rule variants (scoring.frozenlake)
+    tasks = {name: scoring_variant(get_task(name), cfg.scoring) for name in cfg.tasks}
     data = {name: tasks[name].load(tc.path, tc.limit) for name, tc in cfg.tasks.items()}
     for name, items in data.items():
         if not items:
@@ -159,6 +160,7 @@ def run(cfg, on_row=None) -> dict:
             on_row(row)
 
     settings.on_row = row_done
+    settings.scoring = cfg.scoring  # verify_rule for the loop's verdict
     runtime.print0(f"evaluating {', '.join(f'{n} ({len(v)} items)' for n, v in data.items())} on {world} "
                    f"rank(s); editor {cfg.editor.pipe_path} [{editor.fingerprint}]; MLLM {cfg.mllm.model} at "
                    f"{', '.join(cfg.mllm.endpoints)}; results in {out_dir}")
@@ -211,7 +213,7 @@ def run(cfg, on_row=None) -> dict:
                 "prompt_files": sorted({p for t in tasks.values() for p in (t.edit_prefix, t.verify_prompt,
                                                                              t.reason_one, t.reason_two)}),
                 "prompt_sha256": prompt_versions(), "git_sha": runtime.git_sha(), "config": to_container(cfg),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "scoring": to_container(cfg.scoring), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         paths = write_summary(out_dir, summary, meta)
         from etchr_eval.paper import append_results_table
 

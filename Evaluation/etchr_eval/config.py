@@ -79,12 +79,19 @@ class TaskConfig:
 
 
 @dataclass
+class ScoringConfig:
+    frozenlake: str = "official"  # official (ThinkMorph: last \\boxed{R, D, ...}, upper case, commas) | lenient (words, runs, arrows, unboxed runs)
+    verify_rule: str = "trimmed"  # trimmed (last \\boxed{} is "1" after stripping spaces) | reference (exactly "1")
+
+
+@dataclass
 class EvalConfig:
     run_dir: str = "runs/eval"  # results.jsonl, tables, report.html, config.yaml go here
     tasks: Dict[str, TaskConfig] = field(default_factory=dict)  # task name -> data (see the task registry)
     editor: EditorConfig = field(default_factory=EditorConfig)
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     judge: Optional[MLLMConfig] = None  # judge for judge-graded tasks (CharXiv); None = use mllm
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)  # answer-rule switches (see ScoringConfig)
     baseline: bool = True  # also score the no-edit baseline in the same run
     edit_cache_dir: Optional[str] = None  # None = <run_dir>/edit_cache; share it across runs
     retry_failed: bool = True  # a rerun retries items whose record is a failure
@@ -176,6 +183,10 @@ def save_config(cfg: DictConfig, run_dir: str | os.PathLike, name: str = "config
 # ----------------------------------------------------------------------------------------------
 def validate_eval(cfg: DictConfig) -> None:
     e = cfg.editor
+    if cfg.scoring.frozenlake not in ("official", "lenient"):
+        raise ConfigError(f"scoring.frozenlake={cfg.scoring.frozenlake!r}: use official or lenient")
+    if cfg.scoring.verify_rule not in ("trimmed", "reference"):
+        raise ConfigError(f"scoring.verify_rule={cfg.scoring.verify_rule!r}: use trimmed or reference")
     if e.size_mode not in ("keep_aspect", "reference_clamp"):
         raise ConfigError(f"editor.size_mode={e.size_mode!r}: use keep_aspect or reference_clamp")
     if e.dtype not in ("auto", "bf16", "fp16", "fp32"):

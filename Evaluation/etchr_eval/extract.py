@@ -29,7 +29,19 @@ def last_boxed(text: str | None) -> str | None:
     return None  # unterminated: the reference raises and returns None too
 
 
-def verify_verdict(text: str | None) -> bool:
-    """Accept the edit iff the last \\boxed{} holds "1" (surrounding spaces ignored); anything else rejects."""
+VERIFY_RULES = ("trimmed", "reference")
+
+
+def verify_verdict(text: str | None, rule: str = "trimmed") -> bool:
+    """Accept the edit iff the last \\boxed{} holds "1"; anything else (no box, "0", "1.") rejects.
+
+    rule "trimmed" (ours, the default): spaces around the 1 are ignored, so `\\boxed{ 1 }` accepts.
+    rule "reference": the box content must be exactly "1", as the ETCHR reference compares it, so
+    `\\boxed{ 1 }` rejects (EvalConfig.scoring.verify_rule).
+    """
+    if rule not in VERIFY_RULES:
+        raise ValueError(f"verify rule {rule!r}: use one of {', '.join(VERIFY_RULES)}")
     verdict = last_boxed(text)
-    return verdict is not None and verdict.strip() == "1"
+    if verdict is None:
+        return False
+    return (verdict.strip() if rule == "trimmed" else verdict) == "1"

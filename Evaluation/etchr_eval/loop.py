@@ -41,6 +41,7 @@ class LoopSettings:
     run_dir: str = "."
     run_hashes: dict = field(default_factory=dict)  # task -> run fingerprint hash, stamped on every row
     on_row: Optional[Any] = None  # called with each row right after it is appended to the results file
+    scoring: Optional[Any] = None  # cfg.scoring (verify_rule); None = the defaults
 
 
 @dataclass
@@ -146,7 +147,7 @@ async def run_task(task: Task, items: list[Item], editor: Editor, client: MLLMCl
                                        max_tokens=s.verify_max_tokens, temperature=s.temperature)
             _record_reply(row, "verify", verify, errors)
             if verify.ok:
-                accepted = verify_verdict(verify.text)
+                accepted = verify_verdict(verify.text, getattr(s.scoring, "verify_rule", "trimmed"))
                 row["accepted"] = accepted
                 if accepted:
                     etchr = await reason(item, [orig_uri, edit_uri])

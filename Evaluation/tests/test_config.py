@@ -62,3 +62,14 @@ def test_resolved_config_is_saved(tmp_path):
     assert saved.run_dir == "/m/run"  # interpolations resolved
     assert saved.editor.steps == 40
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_scoring_switches(tmp_path):
+    cfg = load_eval_config(None, ["editor.pipe_path=/m"])
+    assert (cfg.scoring.frozenlake, cfg.scoring.verify_rule) == ("official", "trimmed")  # the documented defaults
+    cfg = load_eval_config(_yaml(tmp_path, "scoring:\n  frozenlake: lenient\n"), ["editor.pipe_path=/m", "scoring.verify_rule=reference"])
+    assert (cfg.scoring.frozenlake, cfg.scoring.verify_rule) == ("lenient", "reference")
+    with pytest.raises(ConfigError, match="scoring.frozenlake='loose': use official or lenient"):
+        load_eval_config(None, ["editor.pipe_path=/m", "scoring.frozenlake=loose"])
+    with pytest.raises(ConfigError, match="scoring.verify_rule='exact': use trimmed or reference"):
+        load_eval_config(None, ["editor.pipe_path=/m", "scoring.verify_rule=exact"])

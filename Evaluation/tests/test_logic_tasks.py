@@ -17,7 +17,7 @@ from etchr_eval.tasks import DataError, get_task
 from etchr_eval.tasks.base import Item
 from etchr_eval.tasks.jigsaw import extract_perm
 from etchr_eval.tasks.jigsaw import score as score_jigsaw
-from etchr_eval.tasks.maze import extract_moves, shortest_len
+from etchr_eval.tasks.maze import extract_frozenlake_official, extract_maze, extract_moves, scoring_variant, shortest_len
 from etchr_eval.tasks.maze import score as score_maze
 
 EVAL_DIR = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def _maze_item(rows, blocked):
                 meta={"rows": rows, "blocked": blocked, "shortest_len": shortest_len(rows, blocked)})
 
 
-# response -> (extracted prediction, valid, optimal)
+# The lenient extraction (scoring.frozenlake=lenient): response -> (extracted prediction, valid, optimal)
 MOVE_TABLE = [
     ("\\boxed{R,R,D,D,L,L}", "R,R,D,D,L,L", True, True),
     ("So the moves are R, R, D, D, L, L.", "R,R,D,D,L,L", True, True),  # no box: last comma-separated run
@@ -71,6 +71,46 @@ def test_move_scorer_table(rows, blocked, response, pred, valid, optimal):
     assert (detail["score"], detail["valid"], detail["optimal"]) == (float(valid), valid, optimal)
 
 
+# response -> (FrozenLake official prediction, maze DATA.md 4.1 prediction); None = nothing extracted
+STRICT_TABLE = [
+    ("\\boxed{R,R,D,D,L,L}", "R,R,D,D,L,L", "R,R,D,D,L,L"),
+    ("\\boxed{R, R ,D,D, L, L}", "R,R,D,D,L,L", "R,R,D,D,L,L"),
+    ("\\boxed{ R,R,D,D,L,L }", None, "R,R,D,D,L,L"),  # official: no space after "{"; maze strips it
+    ("So the moves are R, R, D, D, L, L.", None, "R,R,D,D,L,L"),  # maze falls back to the last run
+    ("\\boxed{RRDDLL}", None, "RRDDLL"),
+    ("\\boxed{right, right, down, down, left, left}", None, "right, right, down, down, left, left"),
+    ("\\boxed{r,r,d,d,l,l}", None, "r,r,d,d,l,l"),
+    ("\\boxed{R -> R -> D -> D -> L -> L}", None, "R -> R -> D -> D -> L -> L"),
+    ("\\boxed{R,R,D,D,L,L.}", None, "R,R,D,D,L,L."),
+    ("\\boxed{R,R,D,D,L,L} then \\boxed{R,R,D,D,L,L.}", "R,R,D,D,L,L", "R,R,D,D,L,L."),  # last MATCH vs last box
+    ("\\\\boxed{D,R}", "D,R", "D,R"),
+    ("I cannot solve this maze.", None, None),
+    (None, None, None),
+]
+
+
+@pytest.mark.parametrize("response,official,maze", STRICT_TABLE)
+def test_strict_move_extraction(response, official, maze):
+    assert extract_frozenlake_official(response) == official
+    assert extract_maze(response) == maze
+    item = _maze_item(MAZE, "#")
+    assert score_maze(maze, item)["score"] == float(maze == "R,R,D,D,L,L")  # anything not a comma list scores 0
+
+
+def test_registered_move_tasks_and_the_lenient_switch():
+    from types import SimpleNamespace
+
+    lake, maze = get_task("frozenlake"), get_task("maze")
+    assert lake.extract is extract_frozenlake_official and maze.extract is extract_maze
+    assert scoring_variant(lake, None) is lake and scoring_variant(lake, SimpleNamespace(frozenlake="official")) is lake
+    lenient = scoring_variant(lake, SimpleNamespace(frozenlake="lenient"))
+    assert lenient.extract is extract_moves and lenient.name == "frozenlake" and lenient.score is lake.score
+    assert get_task("frozenlake").extract is extract_frozenlake_official  # the registry is untouched
+    assert scoring_variant(maze, SimpleNamespace(frozenlake="lenient")) is maze  # only FrozenLake has the switch
+    with pytest.raises(ValueError, match="scoring.frozenlake='loose': use official or lenient"):
+        scoring_variant(lake, SimpleNamespace(frozenlake="loose"))
+
+
 def test_move_scorer_reasons():
     item = _maze_item(MAZE, "#")
     assert score_maze("D", item)["reason"] == "move 1 (D) enters a wall at (1, 0)"
@@ -98,6 +138,14 @@ PERM_TABLE = [
     ("\\boxed{1-2-0-3}", "1-2-0-3", 0.0, 1.0),
     ("\\boxed{Left}", "Left", 0.0, 0.0),
     ("I am not sure.", None, 0.0, 0.0),
+    # no box: only permutation-shaped runs of single digits; the answer's hyphen / arrow form first
+    ("The answer is 1-2-0 (strips 0, 1, 2)", "1-2-0", 1.0, 1.0),
+    ("Strips 0, 1, 2 are shuffled; the order is 1, 2, 0", "1-2-0", 1.0, 1.0),
+    ("0-1-2 first, then 1-2-0", "1-2-0", 1.0, 1.0),  # the last hyphen run
+    ("Strip 2 goes left, 1 of 3 strips", None, 0.0, 0.0),  # prose numbers are no run
+    ("I'd say 10-2-1", None, 0.0, 0.0),  # part of a longer number
+    ("1-1-2", None, 0.0, 0.0),  # not a permutation
+    ("1 2 0", None, 0.0, 0.0),  # bare spaces without a box: too easily prose
     ("", None, 0.0, 0.0),
     (None, None, 0.0, 0.0),
 ]
@@ -244,7 +292,8 @@ def test_build_benchmark_then_evaluate_every_logic_task(tiny_models, tmp_path, m
                              default_answer="The path is \\boxed{D, R}")
     run_dir = tmp_path / "run"
     args = ["--config", CONFIG, f"editor.pipe_path={tiny_models.flux}", "mllm.model=double",
-            f"mllm.endpoints=[{srv.base_url}]", f"run_dir={run_dir}", "report_html=false"]
+            f"mllm.endpoints=[{srv.base_url}]", f"run_dir={run_dir}", "report_html=false",
+            "scoring.frozenlake=lenient", "scoring.verify_rule=reference"]  # both switches reach the run
     args += [f"tasks.{t}.path={bench / (t + '.parquet')}" for t in ("maze", "frozenlake", "coco_jigsaw")]
     res = subprocess.run([sys.executable, str(EVAL_DIR / "evaluate.py"), *args], capture_output=True, text=True,
                          timeout=600, cwd=REPO, env=os.environ.copy())
@@ -264,6 +313,8 @@ def test_build_benchmark_then_evaluate_every_logic_task(tiny_models, tmp_path, m
         assert (s["items"], s["scored"], s["failed"]) == (3, 3, 0), name
     assert "etchr_optimal_pass1" in summary["tasks"]["maze"] and "etchr_position_acc" in summary["tasks"]["coco_jigsaw"]
     assert {"verify_maze_v1", "verify_jigsaw_v1"} <= set(summary["meta"]["prompt_files"])
+    assert {k: summary["meta"]["scoring"][k] for k in ("frozenlake", "verify_rule")} == \
+        {"frozenlake": "lenient", "verify_rule": "reference"}
 
 
 def load_edit_prefix(task) -> str:

@@ -1,10 +1,15 @@
 """COCO-Jigsaw: answer the arrangement of shuffled tiles as "a-b-c(-d)" (DATA.md sections 2 and 4.2).
 
 The answer lists, for each original position in row-major order (TopLeft-TopRight-BottomLeft-BottomRight
-or Left-Middle-Right), the label of the tile that belongs there. Extraction: the last \\boxed{...},
-else the last run of numbers joined by separators ("1-2-0", "[1, 2, 0]", "1 -> 2 -> 0"). Scoring:
-separators [,\\s>→] become "-", everything but digits and "-" is dropped, then exact match with the
-ground truth. The detail also has per-position accuracy, averaged by the summary as
+or Left-Middle-Right), the label of the tile that belongs there. Rule: DATA.md 4.2 (the project's own
+scorer, after Spatial-SSRL / ETCHR GRPO). Extraction: the last \\boxed{...} if present. Without a box,
+only a permutation-shaped run counts: single digits joined by separators (`\\d(?:\\s*[-,>→]\\s*\\d)+`,
+also "->", "=>", "⇒", ";"), not part of a longer number, whose digits are a permutation of 0..n-1
+for a layout size n (3, 4 or 9); prose numbers such as "tile 2" or "10 of 12" never count. Of those
+runs, the last one written in the asked answer format (hyphens or arrows, "1-2-0") wins, else the last
+one with any separator: in "1-2-0 (strips 0, 1, 2)" the answer is 1-2-0, not the listing of strips.
+Scoring: separators [,\\s>→] become "-", everything but digits and "-" is dropped, then exact match
+with the ground truth. The detail also has per-position accuracy, averaged by the summary as
 `<stage>_position_acc`.
 
 Data file (written by scripts/build_benchmark.py; see scripts/procedural/jigsaw.py):
@@ -21,7 +26,8 @@ from ..extract import last_boxed
 from .base import DataError, Item, Task, read_table, register, table_rows
 
 _SEP = re.compile(r"(?:->|=>|\\to|\\rightarrow|[,\s>→⇒;|-])+")
-_RUN = re.compile(r"\d+(?:\s*(?:->|=>|[-,>→⇒;]|\s)\s*\d+)+")
+_RUN = re.compile(r"(?<!\d)\d(?:\s*(?:->|=>|[-,>→⇒;])\s*\d)+(?!\d)")
+_ANSWER_FORMAT = re.compile(r"^\d(?:\s*(?:->|=>|[-→⇒])\s*\d)+$")  # the asked "a-b-c" form (or arrows)
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\{([^{}]*)\}")
 LAYOUT_OF_N = {3: "1x3", 4: "2x2", 9: "3x3"}
 _IMAGE_COLS = ("image", "images")
@@ -43,8 +49,14 @@ def extract_perm(text: Optional[str]) -> Optional[str]:
     boxed = last_boxed(text)
     if boxed is not None:
         return normalise(boxed) or boxed.strip()
-    runs = _RUN.findall(text)
-    return normalise(runs[-1]) if runs else None
+    runs = [r for r in _RUN.findall(text) if is_permutation(normalise(r).split("-"))]
+    formatted = [r for r in runs if _ANSWER_FORMAT.match(r)]
+    return normalise((formatted or runs)[-1]) if runs else None
+
+
+def is_permutation(labels: list[str]) -> bool:
+    """["1", "2", "0"] -> True: the labels are 0..n-1 once each, n a layout size (3, 4 or 9)."""
+    return len(labels) in LAYOUT_OF_N and sorted(labels) == [str(i) for i in range(len(labels))]
 
 
 def score(pred: Optional[str], item: Item) -> dict:
@@ -73,7 +85,7 @@ def load(path: str, limit: Optional[int] = None) -> list[Item]:
     for row, rec, where in table_rows(df, path, limit):
         gt = normalise(str(rec["answer"]))
         labels = gt.split("-") if gt else []
-        if sorted(labels) != [str(i) for i in range(len(labels))] or len(labels) not in LAYOUT_OF_N:
+        if not is_permutation(labels):
             raise DataError(f"{where}: column 'answer' = {rec['answer']!r} is not a permutation of 0..n-1 with "
                             f"n in {sorted(LAYOUT_OF_N)}")
         layout = LAYOUT_OF_N[len(labels)]

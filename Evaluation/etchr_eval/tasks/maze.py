@@ -1,12 +1,19 @@
 """Maze and FrozenLake: answer a move sequence, scored by simulating it (DATA.md sections 2 and 4.1).
 
-Extraction: the last \\boxed{...}, else the last comma-separated run of U/D/L/R letters in the text;
-moves may be separated by commas, spaces, arrows or semicolons, written as words (Up, down) or run
-together ("DDRR"). The prediction is canonical "D,D,R,R", or the raw boxed text if it is no move list.
-Scoring (ThinkMorph FrozenLake convention): walk from S; leaving the grid or entering a wall / hole
-fails at once; the walk is valid iff it ends on G. score = valid (any valid path counts); the detail
-also says `optimal` (valid and as long as the shortest path), which the summary reports as
-`<stage>_optimal_pass1`.
+FrozenLake follows its official rule: ThinkMorph's VLMEvalKit frozen_lake scorer (ThinkMorph/VLMEvalKit,
+the frozen_lake dataset's evaluate). It takes the LAST match of
+`\\\\{1,2}boxed\\{([RLUD](?:\\s*,\\s*[RLUD])*)\\}` in the response: upper-case single letters joined by
+commas, nothing else inside the box. So lower case, words ("Right"), letters run together ("RRD"),
+arrows, a leading/trailing space or a full stop inside the box, and an unboxed answer all fail; an
+earlier well-formed box still counts when a later box is malformed. `extract_frozenlake_official`.
+Maze follows the project's own rule, DATA.md 4.1: the last \\boxed{...} (fallback: the last
+`[UDLR](,[UDLR])*` run, spaces around the commas allowed, not inside a word), whitespace stripped; the
+content must then be U/D/L/R letters joined by commas, else it is no move list. `extract_maze`.
+The old lenient extraction (words, arrows, "DDRR", lower-case words, unboxed runs) stays as
+`extract_moves`; `scoring.frozenlake=lenient` selects it for FrozenLake (`scoring_variant`).
+Scoring (both): walk from S; leaving the grid or entering a wall / hole fails at once; the walk is
+valid iff it ends on G. score = valid (any valid path counts); the detail also says `optimal` (valid
+and as long as the shortest path), which the summary reports as `<stage>_optimal_pass1`.
 
 Data files (written by scripts/build_benchmark.py; see scripts/procedural/maze.py):
   maze:        id, question, answer, image (list<Image>), maze_map (rows of . # S G), start, goal
@@ -23,6 +30,7 @@ import ast
 import json
 import re
 from collections import deque
+from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -36,6 +44,8 @@ _SEP = re.compile(r"(?:\\to|\\rightarrow|->|=>|[\s,;>|/→⇒-])+")
 _RUN = re.compile(r"(?<![A-Za-z])[UDLR](?:\s*,\s*[UDLR])*(?![A-Za-z])")
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\{([^{}]*)\}")
 _IMAGE_COLS = ("image", "images")
+_OFFICIAL_FL = re.compile(r"\\{1,2}boxed\{([RLUD](?:\s*,\s*[RLUD])*)\}")
+_MAZE_LIST = re.compile(r"[UDLR](?:,[UDLR])*")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +70,7 @@ def parse_moves(text: str) -> Optional[list[str]]:
 
 
 def extract_moves(text: Optional[str]) -> Optional[str]:
-    """Canonical "D,R,R" from a response; the raw boxed text if that is no move list; None if nothing."""
+    """Lenient (scoring.frozenlake=lenient): canonical "D,R,R" from a response; the raw boxed text if that is no move list; None if nothing."""
     if not text:
         return None
     boxed = last_boxed(text)
@@ -71,6 +81,28 @@ def extract_moves(text: Optional[str]) -> Optional[str]:
     if not runs:
         return None
     return ",".join(parse_moves(runs[-1]))
+
+
+
+def extract_frozenlake_official(text: Optional[str]) -> Optional[str]:
+    """ThinkMorph's rule: canonical "D,R,R" from the LAST `\\boxed{D, R, R}` match; None if there is none."""
+    matches = _OFFICIAL_FL.findall(text or "")
+    return ",".join(re.split(r"\s*,\s*", matches[-1])) if matches else None
+
+
+def extract_maze(text: Optional[str]) -> Optional[str]:
+    """DATA.md 4.1: last \\boxed{} (fallback: last U/D/L/R comma run), whitespace stripped; the boxed
+    text as given when it is no comma-separated move list (scored as no moves); None if nothing."""
+    if not text:
+        return None
+    boxed = last_boxed(text)
+    if boxed is None:
+        runs = _RUN.findall(text)
+        if not runs:
+            return None
+        boxed = runs[-1]
+    flat = re.sub(r"\s+", "", boxed)
+    return flat if _MAZE_LIST.fullmatch(flat) else boxed.strip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +147,8 @@ def shortest_len(rows: list[str], blocked: str) -> Optional[int]:
 
 def score(pred: Optional[str], item: Item) -> dict:
     rows, blocked, best = item.meta["rows"], item.meta["blocked"], item.meta["shortest_len"]
-    moves = parse_moves(pred) if pred else None
+    # Extractors hand over canonical "D,R,R" (the lenient one normalises words and runs itself).
+    moves = pred.split(",") if pred and _MAZE_LIST.fullmatch(pred) else None
     if moves is None:
         return {"score": 0.0, "valid": False, "optimal": False, "n_moves": None,
                 "reason": "no moves" if not pred else "not a move sequence"}
@@ -226,14 +259,25 @@ def load_frozenlake(path: str, limit: Optional[int] = None) -> list[Item]:
 
 MAZE = register(Task(
     name="maze", family="maze", edit_prefix="edit_prefix_maze_v1", verify_prompt="verify_maze_v1",
-    load=load_maze, extract=extract_moves, score=score, aggregate=aggregate,
+    load=load_maze, extract=extract_maze, score=score, aggregate=aggregate,
     description="Maze shortest path (id, question, answer, image, maze_map, start, goal, shortest_len); "
                 "score = valid path, plus optimal Pass@1",
 ))
 
 FROZENLAKE = register(Task(
     name="frozenlake", family="maze", edit_prefix="edit_prefix_maze_v1", verify_prompt="verify_maze_v1",
-    load=load_frozenlake, extract=extract_moves, score=score, aggregate=aggregate,
+    load=load_frozenlake, extract=extract_frozenlake_official, score=score, aggregate=aggregate,
     description="Frozen Lake (id, question, answer, image, maze_map of S/F/H/G, maze_size); score = any valid "
                 "path, plus optimal Pass@1",
 ))
+
+
+def scoring_variant(task: Task, scoring: Any) -> Task:
+    """`task` as cfg.scoring selects it: FrozenLake with the lenient extraction when
+    scoring.frozenlake == "lenient"; any other task (or scoring None) unchanged."""
+    mode = getattr(scoring, "frozenlake", "official") if scoring is not None else "official"
+    if mode not in ("official", "lenient"):
+        raise ValueError(f"scoring.frozenlake={mode!r}: use official or lenient")
+    if task.name == FROZENLAKE.name and mode == "lenient":
+        return replace(task, extract=extract_moves)
+    return task
