@@ -60,7 +60,8 @@ CHOICE_TABLE = [
     ("\\boxed{B} no wait, \\boxed{A}", 0.0), ("\\boxed{A}", 0.0), ("\\boxed{red}", 0.0), ("\\boxed{E}", 0.0),
     ("\\boxed{B or C}", 0.0), ("\\boxed{green}", 0.0), ("\\boxed{}", 0.0),
     # no box: VLMEvalKit matches the whole reply, so one upper-case letter or one option's text names it
-    ("I think it is B", 1.0), ("\\boxed{B", 1.0), ("I think it is B or C", 0.0), ("Long reasoning\nwithout any final answer", 0.0), ("", 0.0), (None, 0.0),
+    ("I think it is B", 1.0), ("\\boxed{B", 1.0), ("I think it is B or C", 0.0),
+    ("Long reasoning\nwithout any final answer", 0.0), ("", 0.0), (None, 0.0),
     ("the answer is a blue one\nso that is it", 1.0),  # lower-case "a" is not option A; "blue" names B
 ]
 

@@ -11,8 +11,9 @@ Two public layouts are read:
 Question text = question, "A. ..." option lines, letter instruction. Scoring as VLMEvalKit's V* (an
 ImageMCQDataset scored by open-compass/VLMEvalKit, vlmeval/utils/matching_util.py, `can_infer`, in its
 exact-matching mode, no LLM judge): the last \\boxed{} if there is one, else the WHOLE response, must
-name exactly one option (choice.to_letter); a reply naming several letters scores 0. Overall = micro average over all questions (the official
-number, e.g. 89/115 + 57/76 = 76.44%), and per category in the aggregate.
+name exactly one option (choice.to_letter); a reply naming several letters scores 0. Overall = micro
+average over all questions (the official number, e.g. 89/115 + 57/76 = 76.44%), and per category in
+the aggregate.
 """
 
 from __future__ import annotations
