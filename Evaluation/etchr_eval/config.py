@@ -98,7 +98,7 @@ class EvalConfig:
     # A run_dir belongs to one run (MLLM, editor, prompts, settings: etchr_eval/fingerprint.py). A rerun
     # with other settings stops naming them; namespace=auto (or a name) writes into <run_dir>/ns/<name>.
     namespace: Optional[str] = None
-    max_failed_fraction: Optional[float] = None  # exit 3 when a task's failed/items exceeds it; None = only when all failed
+    max_failed_fraction: Optional[float] = None  # exit 3 when a task's failed/items exceeds it; None = only when all failed; 1.0 = never
     report_html: bool = True  # write report.html with thumbnails
     wandb: bool = False  # mirror metrics to wandb
     wandb_project: str = "etchr-eval"
@@ -221,8 +221,8 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ConfigError(f"{section}: connect_timeout_s > 0, retry_after_max_s >= 0 and request_deadline_s > 0 "
                               f"(or null) are required (got {m.connect_timeout_s}, {m.retry_after_max_s}, "
                               f"{m.request_deadline_s})")
-    if cfg.max_failed_fraction is not None and not 0.0 <= cfg.max_failed_fraction < 1.0:
-        raise ConfigError(f"max_failed_fraction={cfg.max_failed_fraction}: use a fraction in [0, 1) or null "
+    if cfg.max_failed_fraction is not None and not 0.0 <= cfg.max_failed_fraction <= 1.0:
+        raise ConfigError(f"max_failed_fraction={cfg.max_failed_fraction}: use a fraction in [0, 1] (1 = never exit 3) or null "
                           "(null: fail only when every item of a task failed)")
     for name, task in cfg.tasks.items():
         if task.limit is not None and task.limit < 1:
