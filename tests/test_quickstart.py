@@ -6,8 +6,8 @@ The only changes to the documented text are textual substitutions of fixtures fo
 model / checkpoint / data paths, 127.0.0.1:800N -> a free port range, a copy of the config with its
 repository paths pointing at the fixtures, and torchrun's 8 processes -> 2 (CPU). Training launchers
 (scripts/rl/train.sh, scripts/sft/train.sh) are left to their own tests; the header of
-configs/eval/tiny_demo.yaml runs scripts/demo.py (tests/test_demo.py); configs/eval/embedded_benchmark.yaml
-builds the whole embedded benchmark first and is not run here.
+configs/eval/tiny_demo.yaml runs scripts/demo.py (tests/test_demo.py); configs/eval/embedded_benchmark.yaml's
+header runs with a 3-item benchmark and `--limit 1` (its documented 200 items and `--limit 20` take an hour).
 """
 
 from __future__ import annotations
@@ -223,3 +223,29 @@ def test_stand_in_vllm_answers_unknown_models_like_vllm(tmp_path, env):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_embedded_benchmark_header_runs_verbatim(tmp_path, env):
+    """The 11-column CPU recipe: build the benchmark and the tiny models, start the real local server,
+    evaluate every task. Substituted: the output folders (tmp), the port, --n 3 and --limit 1."""
+    base = _free_base(1)
+    bench, tiny = tmp_path / "bench", tmp_path / "tiny"
+    text = (REPO / "configs" / "eval" / "embedded_benchmark.yaml").read_text()
+    header = text.split("# Launch:", 1)[1].split("# Hardware:", 1)[0]
+    script = "\n".join(line.lstrip("#").strip() for line in header.splitlines())
+    cfg = tmp_path / "embedded_benchmark.yaml"
+    subs_cfg = (("benchmarks/embedded", bench), ("tiny_models/flux2-klein-tiny", tiny / "flux2-klein-tiny"),
+                ("tiny_models/qwen3-vl-tiny", tiny / "qwen3-vl-tiny"), ("runs/eval/embedded_benchmark", tmp_path / "run"))
+    for old, new in subs_cfg:
+        assert old in text, old
+        text = text.replace(old, str(new))
+    cfg.write_text(_ports(text, base))
+    for old, new in (("--out benchmarks/embedded", f"--out {bench} --n 3"), ("--out tiny_models", f"--out {tiny}"),
+                     ("tiny_models/qwen3-vl-tiny", tiny / "qwen3-vl-tiny"), ("configs/eval/embedded_benchmark.yaml", cfg),
+                     ("--limit 20", "--limit 1"), ("--port 8000", f"--port {base}")):
+        assert old in script, old
+        script = script.replace(old, str(new))
+    _bash(_ports(script, base) + "\nkill %1\n", env)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["tasks"]
+    assert len(summary) == 11 and all(s["items"] == 1 for s in summary.values())
+    assert "| row | V* | HRBench-4K |" in (tmp_path / "run" / "summary.md").read_text()  # the 11-column table
