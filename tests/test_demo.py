@@ -27,3 +27,15 @@ def test_demo_runs_the_whole_chain(tmp_path):
     assert len(summary["tasks"]) == 11 and (run / "report.html").is_file()
     assert "| row | V* | HRBench-4K | HRBench-8K | ChartQA | CharXiv-DQ | CharXiv-RQ | Maze | FrozenLake |" in out
     assert summary["meta"]["pipe_path"].endswith("rl-merged")
+    # Results at a glance: the report's plots, the training curves of both runs, one overlay of both.
+    from PIL import Image
+
+    for png in (run / "report_assets" / "pass1.png", run / "report_assets" / "verify_gate.png",
+                tmp_path / "runs" / "sft" / "curves.png", tmp_path / "runs" / "rl" / "curves.png"):
+        with Image.open(png) as im:
+            im.verify()
+    overlay = tmp_path / "overlay.png"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_run.py"), str(tmp_path / "runs" / "sft"),
+                          str(tmp_path / "runs" / "rl"), "--out", str(overlay)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and overlay.stat().st_size > 5000, res.stderr[-2000:]
