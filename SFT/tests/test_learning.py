@@ -97,18 +97,7 @@ def train(tiny_models, pairs: Pairs, run_dir: Path, *overrides) -> Path:
 
 
 # The editor runs in its own process: this tree's files never import another tree's package.
-EDIT_DRIVER = r"""
-import json, sys
-from omegaconf import OmegaConf
-from PIL import Image
-from etchr_eval.config import EditorConfig
-from etchr_eval.editor import Editor
-job = json.loads(sys.argv[1])
-editor = Editor(OmegaConf.merge(OmegaConf.structured(EditorConfig), job["editor"]), job["cache"])
-for source, prompt, out in job["edits"]:
-    with Image.open(source) as im:
-        editor.edit(im.convert("RGB"), prompt, job["seed"])[0].save(out)
-"""
+EDIT_DRIVER = str(Path(__file__).resolve().parents[2] / "tests" / "drivers" / "eval_edit.py")
 
 
 def edit_with_evaluation_editor(pipe_path, pairs: "Pairs", out_dir: Path, orders: dict, lora_path=None) -> dict:
@@ -120,7 +109,7 @@ def edit_with_evaluation_editor(pipe_path, pairs: "Pairs", out_dir: Path, orders
     edits = [(str(pairs.source_paths[s]), pairs.prompts[i], str(out_dir / f"{name}_{i}.png"))
              for name, order in orders.items() for i, s in enumerate(order)]
     job = {"editor": editor, "cache": str(out_dir / "cache"), "seed": EDIT_SEED, "edits": edits}
-    res = subprocess.run([sys.executable, "-c", EDIT_DRIVER, json.dumps(job)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, EDIT_DRIVER, json.dumps(job)], capture_output=True, text=True,
                          timeout=600, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-5000:]
     return {name: [Image.open(out_dir / f"{name}_{i}.png").convert("RGB") for i in range(len(order))]

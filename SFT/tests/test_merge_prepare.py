@@ -190,15 +190,7 @@ def test_prepare_data_errors_name_shard_and_row(tmp_path):
 # Full fine-tuning: the checkpoint's transformer/ becomes a pipeline dir (merge_lora.py --checkpoint)
 # ----------------------------------------------------------------------------------------------
 # RL's loader runs in its own process: this tree's files never import another tree's package.
-RL_LOAD = r"""
-import hashlib, sys, torch
-from etchr_rl.model import load_pipeline
-pipe = load_pipeline(sys.argv[1], torch.float32)
-h = hashlib.sha256()
-for k, v in sorted(pipe.transformer.state_dict().items()):
-    h.update(k.encode()); h.update(v.detach().contiguous().numpy().tobytes())
-print(type(pipe).__name__, h.hexdigest())
-"""
+RL_LOAD = str(Path(__file__).resolve().parents[2] / "tests" / "drivers" / "rl_load.py")
 
 
 def _state_digest(transformer_dir) -> str:
@@ -243,7 +235,7 @@ def test_full_checkpoint_assembles_into_a_pipeline_that_rl_and_evaluation_load(t
     assert parent["kind"] == "full" and parent["step"] == 2 and parent["config"]["lora"]["enabled"] is False
 
     # RL's model loader takes it, with the trained weights
-    rl = subprocess.run([sys.executable, "-c", RL_LOAD, str(out)], capture_output=True, text=True, timeout=300,
+    rl = subprocess.run([sys.executable, RL_LOAD, str(out)], capture_output=True, text=True, timeout=300,
                         cwd=REPO)
     assert rl.returncode == 0, rl.stderr[-3000:]
     assert rl.stdout.split() == ["Flux2KleinPipeline", _state_digest(full_trained / "transformer")]
