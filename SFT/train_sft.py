@@ -168,7 +168,7 @@ def _train(cfg, pipe=None) -> dict:
     text_cache = TensorCache(str(run_dir / "cache" / "text") if cfg.data.cache_text_embeddings else None)
     ref_cache = TensorCache(str(run_dir / "cache" / "reference") if cfg.data.cache_reference_latents else None)
     metrics = runtime.MetricsWriter(run_dir, wandb_enabled=cfg.wandb, wandb_project=cfg.wandb_project,
-                                    config=to_container(cfg))
+                                    config=to_container(cfg), resume_step=position.step)  # rows past it: superseded
 
     def compute_loss(batch: dict) -> torch.Tensor:
         prompts, index = batch["prompt"], batch["index"].tolist()
