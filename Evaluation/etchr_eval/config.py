@@ -27,6 +27,16 @@ class ConfigError(ValueError):
 ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math")
 
 
+# editor.preset -> the speed switches it sets (docs/PERFORMANCE.md, "bench_edit: presets" has the measured
+# speed and fidelity of each; the values are the best measured combinations, 40 steps, CFG 3.5, 9B shape).
+EDITOR_PRESETS = {
+    "fast": {"quantize": "fp8", "compile": True, "cfg_batch": True, "step_cache": "taylorseer",
+             "step_cache_interval": 3, "step_cache_warmup": 4},  # needs a GPU with fp8 (sm_89+) and torchao
+    "fast_bf16": {"compile": True, "cfg_batch": True, "step_cache": "taylorseer",
+                  "step_cache_interval": 3, "step_cache_warmup": 4},  # no torchao; any GPU
+}
+
+
 @dataclass
 class EditorConfig:
     pipe_path: str = MISSING  # diffusers FLUX.2-klein pipeline dir (base, SFT-merged or RL-merged)
@@ -48,9 +58,13 @@ class EditorConfig:
     step_cache: str = "none"  # none | taylorseer (diffusers TaylorSeer cache: extrapolates steps; approximate)
     step_cache_interval: int = 2  # taylorseer: a full forward every N steps, extrapolated in between
     step_cache_warmup: int = 4  # taylorseer: the first N steps are always computed in full
-    cfg_batch: bool = False  # both CFG branches in one batch-2 forward (same math; not with step_cache)
+    cfg_batch: bool = False  # both CFG branches in one batch-2 forward (same math; with step_cache too)
     attention_backend: str = "native"  # native (torch SDPA picks) | _native_cudnn | _native_flash | _native_efficient | _native_math
     quantize: str = "none"  # none | fp8 (torchao float8 matmuls, per-row scales, dynamic activations; approximate)
+    # A named bundle of the speed switches above (EDITOR_PRESETS: fast, fast_bf16), expanded into them at load
+    # time, so --print-config, run.json and the edit-cache key show the explicit switches; null = none.
+    preset: Optional[str] = None
+    compile_cache_dir: Optional[str] = None  # compiled-kernel cache kept across runs (inductor + AOTAutograd); null = ~/.cache/etchr/inductor
 
 
 @dataclass
@@ -181,8 +195,24 @@ def save_config(cfg: DictConfig, run_dir: str | os.PathLike, name: str = "config
 # ----------------------------------------------------------------------------------------------
 # Validation beyond types: ranges and choices, with the fix in the message.
 # ----------------------------------------------------------------------------------------------
+def expand_preset(e: DictConfig) -> None:
+    """editor.preset -> its switches, in place. A switch the user set to something else than both its default
+    and the preset's value is a conflict (which one was meant?) and is refused, naming both."""
+    if e.preset is None:
+        return
+    if e.preset not in EDITOR_PRESETS:
+        raise ConfigError(f"editor.preset={e.preset!r}: use one of {', '.join(EDITOR_PRESETS)} or null")
+    defaults = EditorConfig()
+    for key, value in EDITOR_PRESETS[e.preset].items():
+        if e[key] != value and e[key] != getattr(defaults, key):
+            raise ConfigError(f"editor.preset={e.preset} sets editor.{key}={value!r}, but editor.{key}={e[key]!r} "
+                              f"is set too: drop one of the two (or set preset=null and the switches yourself)")
+        e[key] = value
+
+
 def validate_eval(cfg: DictConfig) -> None:
     e = cfg.editor
+    expand_preset(e)
     if cfg.scoring.frozenlake not in ("official", "lenient"):
         raise ConfigError(f"scoring.frozenlake={cfg.scoring.frozenlake!r}: use official or lenient")
     if cfg.scoring.verify_rule not in ("trimmed", "reference"):
@@ -197,9 +227,6 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ConfigError("editor.step_cache_interval >= 1 and editor.step_cache_warmup >= 0 are required")
     if e.steps < 1:
         raise ConfigError(f"editor.steps={e.steps}: must be >= 1")
-    if e.cfg_batch and e.step_cache != "none":
-        raise ConfigError("editor.cfg_batch=true needs editor.step_cache=none (the step cache keeps one state "
-                          "per CFG branch and must see the branches as separate calls)")
     if e.attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"editor.attention_backend={e.attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     if e.quantize not in ("none", "fp8"):
@@ -259,7 +286,7 @@ def resolve_paths(cfg: DictConfig, fields: tuple, hub_fields: tuple = (), keep: 
 
 def load_eval_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:
     def resolve_then_validate(cfg: DictConfig) -> None:
-        resolve_paths(cfg, ("run_dir", "edit_cache_dir", "editor.lora_path")
+        resolve_paths(cfg, ("run_dir", "edit_cache_dir", "editor.lora_path", "editor.compile_cache_dir")
                       + tuple(f"tasks.{name}.path" for name in cfg.tasks), hub_fields=("editor.pipe_path",))
         validate_eval(cfg)
 

@@ -312,9 +312,30 @@ def fp8_targets(transformer) -> list[str]:
     return names
 
 
+def check_fp8(device: str, preset: Optional[str] = None) -> None:
+    """Refuse editor.quantize=fp8 (alone or through a preset) where it cannot run: no torchao, no CUDA device,
+    or a GPU without fp8 matmuls (compute capability < 8.9). Raises RuntimeError saying what is missing."""
+    import torch
+
+    via = f" (editor.preset={preset} includes it; preset=fast_bf16 needs no fp8)" if preset else ""
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"editor.quantize=fp8 needs torchao{via} (pip install 'torchao>=0.17', which must match the "
+                           f"installed torch): {exc}") from None
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise RuntimeError(f"editor.quantize=fp8 needs a CUDA GPU with fp8 matmuls{via}; the editor runs on "
+                           f"{device!r} (torch.cuda.is_available() = {torch.cuda.is_available()})")
+    cap = torch.cuda.get_device_capability(torch.device(device))
+    if cap < (8, 9):
+        raise RuntimeError(f"editor.quantize=fp8 needs compute capability >= 8.9 (Ada, Hopper or newer){via}; "
+                           f"{torch.cuda.get_device_name(torch.device(device))} has {cap[0]}.{cap[1]}")
+
+
 def quantize_fp8(transformer) -> int:
     """Float8 (e4m3) weights with per-row scales and dynamically quantised activations, through
-    torchao; returns the number of converted layers."""
+    torchao; returns the number of converted layers. (Quantising is a per-row absmax and a cast of the
+    weights already on the GPU; bench_edit reports its seconds apart from the compile warm-up.)"""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as exc:
@@ -370,10 +391,59 @@ def _as_output(sample):
     return Transformer2DModelOutput(sample=sample)
 
 
+DEFAULT_COMPILE_CACHE = "~/.cache/etchr/inductor"
+
+
+def configure_compile_cache(cache_dir: Optional[str] = None) -> str:
+    """Point torch.compile's on-disk caches at `cache_dir` before anything compiles, so a second start of the
+    same editor (same weights' shapes, torch, GPU) loads the compiled kernels instead of generating them:
+    inductor's FX-graph cache, the AOTAutograd cache and the Triton kernels (kept under the same folder).
+    None = $TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/etchr/inductor. Returns the folder used.
+    The folder may sit on shared storage next to the checkpoint: its entries are keyed by graph, torch
+    version and device, so other cards or versions miss instead of loading wrong kernels."""
+    import torch
+
+    path = os.path.expanduser(cache_dir or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or DEFAULT_COMPILE_CACHE)
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # inductor and its Triton cache read it at each use
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return path
+
+
+def compile_counters() -> dict:
+    """torch._dynamo's counters that tell a warm start from a cold one: graphs compiled, graph breaks,
+    FX-graph and AOTAutograd cache hits and misses (zeros where torch has not counted yet)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "frames": int(counters["frames"].get("total", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "fxgraph_cache_hit": int(counters["inductor"].get("fxgraph_cache_hit", 0)),
+            "fxgraph_cache_miss": int(counters["inductor"].get("fxgraph_cache_miss", 0)),
+            "autograd_cache_hit": int(counters["aot_autograd"].get("autograd_cache_hit", 0)),
+            "autograd_cache_miss": int(counters["aot_autograd"].get("autograd_cache_miss", 0))}
+
+
+def compile_transformer(transformer, step_cache: str = "none") -> None:
+    """Regional torch.compile of the repeated blocks with static shapes (dynamic=False: the CFG batch, the
+    token counts and the TaylorSeer branches each get exact kernels, and an edit size compiles once).
+    The TaylorSeer hooks break each hooked block's graph at their compiler.disable'd bookkeeping; the
+    resumed frames then differ per attention class and per compute / predict step (7 entries on one code
+    object on the CPU-compiled tiny model over 40 steps, close to dynamo's default limit of 8, past which it
+    falls back to eager silently), so the limit is raised to 32 with a step cache."""
+    import torch
+
+    if step_cache != "none":
+        torch._dynamo.config.recompile_limit = max(int(torch._dynamo.config.recompile_limit), 32)
+    transformer.compile_repeated_blocks(fullgraph=step_cache == "none", dynamic=False)
+
+
 def apply_speed_options(pipe, cfg) -> None:
     """In order: fp8 matmuls (torchao), the attention kernel, TaylorSeer step caching (per CFG branch:
-    the pipeline runs them in separate cache contexts), batched CFG, and regional torch.compile of
-    the transformer's repeated blocks. (diffusers 0.42.1's First Block Cache does not handle Flux2's
+    the pipeline runs them in separate cache contexts; with batched CFG the "cond" context holds both
+    rows and its extrapolation is row-wise, so the result is the same), batched CFG, and regional
+    torch.compile of the transformer's repeated blocks with a persistent kernel cache. (diffusers 0.42.1's First Block Cache does not handle Flux2's
     block outputs.)"""
     if getattr(cfg, "quantize", "none") == "fp8":
         n = quantize_fp8(pipe.transformer)
@@ -388,8 +458,8 @@ def apply_speed_options(pipe, cfg) -> None:
     if getattr(cfg, "cfg_batch", False) and not isinstance(pipe.transformer.forward, CFGBatch):
         pipe.transformer.forward = CFGBatch(pipe.transformer)
     if getattr(cfg, "compile", False):
-        # The cache hooks call a torch.compiler.disable'd function inside each block: allow that break.
-        pipe.transformer.compile_repeated_blocks(fullgraph=getattr(cfg, "step_cache", "none") == "none")
+        configure_compile_cache(getattr(cfg, "compile_cache_dir", None))
+        compile_transformer(pipe.transformer, getattr(cfg, "step_cache", "none"))
 
 
 def negative_prompt(pipe, device, max_sequence_length: int):
@@ -423,6 +493,8 @@ class Editor:
                                                   getattr(cfg, "lora_alpha", None))
         if cfg.lora_path:  # a LoRA that does not fit stops the run here, once, not at every item
             check_lora_fits(cfg.pipe_path, cfg.lora_path, getattr(cfg, "lora_alpha", None))
+        if getattr(cfg, "quantize", "none") == "fp8":  # before any write, not at the first edit
+            check_fp8(self.device, getattr(cfg, "preset", None))
         self._pipe = None
         self._load_error: Optional[BaseException] = None
         self._negative = None  # the negative prompt's (embeds, text ids), for cfg_batch
@@ -463,7 +535,8 @@ class Editor:
         return {"checkpoint": self.fingerprint, "lora_scale": c.lora_scale, "steps": c.steps, "guidance": c.guidance, "seed": c.seed,
                 "per_item_seed": c.per_item_seed, "size_mode": c.size_mode, "max_area": c.max_area,
                 "multiple_of": c.multiple_of, "max_sequence_length": c.max_sequence_length,
-                "dtype": self.dtype_name, "device_type": self.device_type, **speed_fields(c)}
+                "dtype": self.dtype_name, "device_type": self.device_type, **speed_fields(c),
+                **({"preset": c.preset} if getattr(c, "preset", None) else {})}
 
     def cache_fields(self, image: Image.Image, prompt: str, seed: int) -> dict:
         w, h = output_size(*image.size, max_area=self.cfg.max_area, multiple_of=self.cfg.multiple_of,

@@ -31,7 +31,8 @@ def test_defaults_yaml_and_overrides_stack(tmp_path):
     ("editor:\n  steps: 3\n", [], "editor.pipe_path"),
     ("editor:\n  pipe_path: /m\n", ["tasks.t.limit=3"], "tasks.t.path"),
     ("editor:\n  pipe_path: /m\n  size_mode: squash\n", [], "editor.size_mode"),
-    ("editor:\n  pipe_path: /m\n", ["editor.cfg_batch=true", "editor.step_cache=taylorseer"], "editor.cfg_batch"),
+    ("editor:\n  pipe_path: /m\n", ["editor.preset=turbo"], "editor.preset"),
+    ("editor:\n  pipe_path: /m\n", ["editor.preset=fast", "editor.step_cache_interval=5"], "editor.step_cache_interval"),
     ("editor:\n  pipe_path: /m\n", ["editor.attention_backend=flash9"], "editor.attention_backend"),
     ("editor:\n  pipe_path: /m\n", ["editor.quantize=int3"], "editor.quantize"),
 ])
