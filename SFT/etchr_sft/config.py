@@ -42,6 +42,17 @@ class ModelConfig:
     pretrained_path: str = MISSING  # diffusers FLUX.2-klein pipeline dir (base-9B or a merged one)
     dtype: str = "bf16"  # weights dtype while training: bf16 (reference, pure bf16) | fp32
     gradient_checkpointing: bool = True  # per transformer block
+    # Activation memory by budget (issue #17, docs/PERFORMANCE.md): 0 = off (gradient_checkpointing decides:
+    # every block or none). A number = the peak GiB the training step may reach on each GPU; "auto" =
+    # activation_budget_fraction of the card's memory. Before step 0 a probe at the largest shape
+    # (data.max_pixels target + a 1024^2 reference, train.batch_size, 512 text tokens) measures the peak
+    # with every block checkpointed and the extra per un-checkpointed block, then as many blocks as fit run
+    # without checkpointing. CUDA only (refused on CPU: pin checkpoint_blocks there).
+    activation_budget_gib: Any = 0
+    activation_budget_fraction: float = 0.9  # of the card's total memory, for activation_budget_gib=auto
+    # [n_double, n_single]: checkpoint the first n blocks of each stack (9B: 8 double, 24 single), run the
+    # rest plainly; overrides the two keys above. null = as they say.
+    checkpoint_blocks: Optional[list] = None
     max_sequence_length: int = 512  # text tokens
     # Speed switches (docs/PERFORMANCE.md). Both compute the same function; compiled / other attention
     # kernels round differently from eager SDPA, so they are off by default (the reference's path).
@@ -221,8 +232,25 @@ def validate_sft(cfg: DictConfig) -> None:
     if cfg.model.attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"model.attention_backend={cfg.model.attention_backend!r}: use one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
+    check_activation_keys(cfg.model)
     if cfg.train.timestep_lookup not in ("exact", "reference_bf16"):
         raise ConfigError(f"train.timestep_lookup={cfg.train.timestep_lookup!r}: use exact or reference_bf16")
+
+
+def check_activation_keys(model) -> None:
+    """model.activation_budget_gib (a number >= 0 or "auto"), activation_budget_fraction, checkpoint_blocks."""
+    b = model.activation_budget_gib
+    ok = (isinstance(b, str) and b.strip().lower() == "auto") or (isinstance(b, (int, float)) and not
+                                                                  isinstance(b, bool) and b >= 0)
+    if not ok:
+        raise ConfigError(f"model.activation_budget_gib={b!r}: use 0 (off), a number of GiB or auto")
+    if not 0 < model.activation_budget_fraction <= 1:
+        raise ConfigError(f"model.activation_budget_fraction={model.activation_budget_fraction}: use (0, 1]")
+    cb = model.checkpoint_blocks
+    if cb is not None and (len(cb) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                   for n in cb)):
+        raise ConfigError(f"model.checkpoint_blocks={list(cb)}: use [n_double, n_single] (non-negative integers: "
+                          "how many blocks of each stack are checkpointed) or null")
 
 
 # ----------------------------------------------------------------------------------------------
