@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from etchr_sft import runtime  # noqa: E402
-from etchr_sft.checkpoint import (CheckpointError, finalize, latest_checkpoint, load_training_state,  # noqa: E402
-                                  meta, repair_checkpoints, save_training_state, step_dir)
+from etchr_sft.checkpoint import (CheckpointError, export_fsdp, finalize, latest_checkpoint,  # noqa: E402
+                                  load_training_state, meta, repair_checkpoints, save_training_state, step_dir)
 from etchr_sft.config import ConfigError, load_sft_config, save_config, split_cli, to_container  # noqa: E402
 from etchr_sft.data import BatchDataset, DataError, bucket_key, make_batches, read_csv, shard  # noqa: E402
 from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
@@ -95,6 +95,7 @@ def _train(cfg, pipe=None) -> dict:
 
     # ================================================================ build
     cuda = torch.cuda.is_available()
+    _check_sharding_backend(cuda, cfg)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not cuda,
                               mixed_precision=cfg.train.mixed_precision if cuda else "no")
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -140,6 +141,8 @@ def _train(cfg, pipe=None) -> dict:
     # The LR scheduler is stepped by hand, once per optimizer step, whatever the world size.
     _fill_deepspeed_config(accelerator, cfg)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    if accelerator.distributed_type == "FSDP":  # fully_shard replaced the parameters with sharded DTensors
+        params = [p for p in transformer.parameters() if p.requires_grad]
     position = Position()
 
     n_trainable = sum(p.numel() for p in params)
@@ -255,7 +258,27 @@ def _train(cfg, pipe=None) -> dict:
     return {"step": position.step, "timed_out": timed_out, "transformer": accelerator.unwrap_model(transformer)}
 
 
-# ================================================================ time limit, DeepSpeed, memory
+# ================================================================ time limit, DeepSpeed, FSDP, memory
+def _check_sharding_backend(cuda: bool, cfg) -> None:
+    """An accelerate config asking for FSDP or DeepSpeed stops here, before any work, where it cannot apply
+    (accelerate would otherwise fall back to plain DDP on CPU without a word)."""
+    from accelerate.utils import parse_flag_from_env
+
+    wanted = ("FSDP" if parse_flag_from_env("ACCELERATE_USE_FSDP") else
+              "DeepSpeed" if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") else None)
+    if wanted is None:
+        return
+    source = os.environ.get("ACCELERATE_CONFIG") or "the accelerate config (accelerate launch --config_file)"
+    if not cuda:
+        raise ConfigError(f"{source} asks for {wanted}, which shards the model over CUDA GPUs; this machine has no "
+                          "CUDA device, so it would silently train as plain DDP. Use "
+                          "ACCELERATE_CONFIG=configs/accelerate/ddp.yaml on CPU.")
+    if wanted == "FSDP" and cfg.train.validate_every and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{source} asks for FSDP over {os.environ['WORLD_SIZE']} processes and "
+                          f"train.validate_every={cfg.train.validate_every}: validation runs on rank 0 alone, which "
+                          "cannot run a sharded model; set train.validate_every=0 (validate the exported checkpoint).")
+
+
 def _out_of_time(accelerator, limit_s: float, elapsed_s: float, device) -> bool:
     """train.time_limit_s reached? Rank 0's clock decides for all ranks (no rank may stop alone)."""
     if limit_s <= 0:
@@ -308,11 +331,14 @@ def save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, posi
     save_training_state(tmp / "training_state", accelerator, transformer, optimizer, lr_scheduler,
                         position.state_dict(), lora=bool(lora_info),
                         deepspeed_kwargs=_deepspeed_lora_kwargs(accelerator, "save", lora_info))
+    fsdp = accelerator.distributed_type == "FSDP"
+    if fsdp:  # whole tensors gathered from the shards (a collective), written by rank 0 in the same layout
+        export_fsdp(accelerator.unwrap_model(transformer), tmp, lora_info, accelerator.process_index)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(transformer)
-        if lora_info:
+        if lora_info and not fsdp:
             save_lora(model, tmp, lora_info["rank"], lora_info["alpha"], lora_info["targets"])
-        else:
+        elif not fsdp:
             model.save_pretrained(tmp / "transformer")
         finalize(tmp, final, meta(kind="lora" if lora_info else "full", step=position.step,
                                   base_model=cfg.model.pretrained_path, config=to_container(cfg), lora=lora_info),

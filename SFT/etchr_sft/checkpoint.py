@@ -100,6 +100,9 @@ STATE_FILE = "state.json"
 _PLAIN_FILES = {STATE_FILE, "optimizer.json", "optimizer.safetensors", "scheduler.json", "trainable.safetensors",
                 "model.safetensors"}
 _RNG_FILE = re.compile(r"^rng_(\d+)\.json$")
+SHARD_INDEX = "shards.json"  # FSDP2: world size, every tensor's global shape and dtype, the optimizer's numbers
+_SHARDED_FILES = {STATE_FILE, SHARD_INDEX, "scheduler.json"}
+_SHARD_FILE = re.compile(r"^(model|optimizer)-rank(\d{5})-of-(\d{5})\.safetensors$")
 
 
 class CheckpointError(ValueError):
@@ -111,18 +114,23 @@ def save_training_state(out_dir: str | Path, accelerator, model, optimizer, sche
     """Write out_dir (every rank calls this; returns after all ranks wrote). Plain runs: weights being
     trained and optimizer in safetensors (+ JSON for the optimizer's numbers), scheduler and position in
     JSON, one rng_<rank>.json per rank. DeepSpeed: its engine checkpoint (model + sharded optimizer) via
-    accelerate, the rest as above; load_training_state reads the engine files with weights_only=True."""
+    accelerate, the rest as above; load_training_state reads the engine files with weights_only=True.
+    FSDP2: every rank writes its local shards (save_sharded_state), the rest as above."""
     from safetensors.torch import save_file, save_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     deepspeed = accelerator.distributed_type == "DEEPSPEED"
+    fsdp = accelerator.distributed_type == "FSDP"
     accelerator.wait_for_everyone()
     if deepspeed:
         accelerator.save_state(str(out_dir), **(deepspeed_kwargs or {}))
+    if fsdp:
+        save_sharded_state(out_dir, accelerator.unwrap_model(model), optimizer, rank=accelerator.process_index,
+                           world=accelerator.num_processes, trainable_only=lora)
     _write_json(out_dir / f"rng_{accelerator.process_index}.json", rng_state())
     if accelerator.is_main_process:
-        if not deepspeed:
+        if not deepspeed and not fsdp:
             unwrapped = accelerator.unwrap_model(model)
             if lora:
                 from peft.utils import get_peft_model_state_dict
@@ -138,7 +146,7 @@ def save_training_state(out_dir: str | Path, accelerator, model, optimizer, sche
             _write_json(out_dir / "scheduler.json", scheduler.state_dict())
         _write_json(out_dir / STATE_FILE, {"format": STATE_FORMAT, "version": STATE_VERSION, "position": position,
                                            "accelerator_step": int(accelerator.step), "deepspeed": deepspeed,
-                                           "world_size": accelerator.num_processes})
+                                           "fsdp": fsdp, "world_size": accelerator.num_processes})
     accelerator.wait_for_everyone()
 
 
@@ -153,8 +161,16 @@ def load_training_state(in_dir: str | Path, accelerator, model, optimizer, sched
     if bool(state.get("deepspeed")) != deepspeed:
         raise CheckpointError(f"{in_dir / STATE_FILE}: written {'with' if state.get('deepspeed') else 'without'} "
                               f"DeepSpeed; this run is {'with' if deepspeed else 'without'} it")
+    fsdp = accelerator.distributed_type == "FSDP"
+    if bool(state.get("fsdp")) != fsdp:
+        raise CheckpointError(f"{in_dir / STATE_FILE}: written {'with' if state.get('fsdp') else 'without'} FSDP; "
+                              f"this run is {'with' if fsdp else 'without'} it")
     rng_file = in_dir / f"rng_{accelerator.process_index}.json"
-    if not deepspeed:
+    if fsdp:
+        _check_plain_files(in_dir, sharded=True)
+        load_sharded_state(in_dir, accelerator.unwrap_model(model), optimizer, rank=accelerator.process_index,
+                           world=accelerator.num_processes, trainable_only=lora)
+    elif not deepspeed:
         _check_plain_files(in_dir)
         from safetensors import SafetensorError
         from safetensors.torch import load_file, load_model
@@ -205,14 +221,16 @@ def _read_state(in_dir: Path) -> dict:
     return state
 
 
-def _check_plain_files(in_dir: Path) -> None:
+def _check_plain_files(in_dir: Path, sharded: bool = False) -> None:
     """Only the files save_training_state writes: anything else (a planted .pkl / .bin) stops the resume."""
+    allowed = _SHARDED_FILES if sharded else _PLAIN_FILES
     for p in sorted(in_dir.iterdir()):
-        if p.name in _PLAIN_FILES or _RNG_FILE.match(p.name):
+        if p.name in allowed or _RNG_FILE.match(p.name) or (sharded and _SHARD_FILE.match(p.name)):
             if not p.is_file() or p.is_symlink():
                 raise CheckpointError(f"{p}: expected a plain file")
             continue
-        raise CheckpointError(f"{p}: unexpected file in a training_state (it holds only {sorted(_PLAIN_FILES)} and "
+        raise CheckpointError(f"{p}: unexpected file in a training_state (it holds only {sorted(allowed)}"
+                              f"{', <model|optimizer>-rankR-of-W.safetensors' if sharded else ''} and "
                               "rng_<rank>.json); refusing to resume from a checkpoint that was altered")
 
 
@@ -329,3 +347,184 @@ def _read_json(path: Path):
         raise CheckpointError(f"{path} missing from the training_state") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not JSON ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2 (accelerate fsdp_version: 2, fully_shard): every rank writes its own shards, pickle-free.
+# ----------------------------------------------------------------------------------------------
+def shard_file(kind: str, rank: int, world: int) -> str:
+    return f"{kind}-rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return (t.to_local() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
+
+
+def _describe(t) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "dtensor": isinstance(t, DTensor)}
+
+
+def _sharded_model_state(model, trainable_only: bool) -> dict:
+    """FQN -> DTensor (sharded parameters) or tensor, as torch.distributed.checkpoint sees the model;
+    with trainable_only (LoRA) just the parameters being trained (the base comes from the pretrained files)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model)
+    if trainable_only:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in keep}
+    return sd
+
+
+def save_sharded_state(out_dir: Path, model, optimizer, *, rank: int, world: int, trainable_only: bool) -> None:
+    """Every rank: model-rankR-of-W.safetensors and optimizer-rankR-of-W.safetensors with its local shards
+    (DTensor.to_local()); rank 0 also shards.json (world size, global shapes, the optimizer's numbers).
+    A collective: all ranks call it."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    msd = _sharded_model_state(model, trainable_only)
+    osd = get_optimizer_state_dict(model, _inner_optimizer(optimizer))
+    save_file({k: _local(v) for k, v in msd.items()}, str(out_dir / shard_file("model", rank, world)))
+    tensors, numbers = {}, {}
+    for fqn, entry in osd["state"].items():
+        numbers[fqn] = {}
+        for k, v in entry.items():
+            if hasattr(v, "shape"):
+                tensors[f"{fqn}:{k}"] = _local(v)
+                numbers[fqn][k] = {"tensor": _describe(v)}
+            else:
+                numbers[fqn][k] = v
+    save_file(tensors, str(out_dir / shard_file("optimizer", rank, world)))
+    if rank == 0:
+        _write_json(out_dir / SHARD_INDEX, {"world_size": world, "trainable_only": trainable_only,
+                                            "model": {k: _describe(v) for k, v in msd.items()},
+                                            "optimizer": {"param_groups": osd["param_groups"], "state": numbers}})
+
+
+def load_sharded_state(in_dir: Path, model, optimizer, *, rank: int, world: int, trainable_only: bool) -> None:
+    """Restore what save_sharded_state wrote, into the model's DTensors (same mesh and placements) and the
+    optimizer. Another world size is refused (the shards are cut for the old one); every check runs before
+    anything is set."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.tensor import DTensor
+
+    index = _read_json(in_dir / SHARD_INDEX)
+    saved_world = index.get("world_size") if isinstance(index, dict) else None
+    if saved_world != world:
+        raise CheckpointError(f"{in_dir / SHARD_INDEX}: FSDP shards for {saved_world} process(es), this run has "
+                              f"{world}; resume with {saved_world} processes (NGPU x NNODES), or export the "
+                              "checkpoint's full weights and start a new run from them")
+    if bool(index.get("trainable_only")) != trainable_only:
+        raise CheckpointError(f"{in_dir / SHARD_INDEX}: written for {'LoRA' if index.get('trainable_only') else 'full'}"
+                              f" fine-tuning; this run is {'LoRA' if trainable_only else 'full'} fine-tuning")
+    files = {kind: in_dir / shard_file(kind, rank, world) for kind in ("model", "optimizer")}
+    try:
+        local_model, local_opt = load_file(str(files["model"])), load_file(str(files["optimizer"]))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{in_dir}: cannot read rank {rank}'s shards ({type(exc).__name__}: {exc})") from None
+
+    current = _sharded_model_state(model, trainable_only)
+    if set(index["model"]) != set(current) or set(local_model) != set(current):
+        missing, extra = sorted(set(current) - set(local_model)), sorted(set(local_model) - set(current))
+        raise CheckpointError(f"{files['model']}: tensors differ from the model (missing {missing[:5]}, "
+                              f"unexpected {extra[:5]})")
+
+    def rebuild(name: str, like, local, described: dict, source: Path):
+        """The saved local shard as a tensor placed like `like` (a DTensor: same mesh and placements)."""
+        if list(like.shape) != described["shape"] or str(like.dtype).replace("torch.", "") != described["dtype"]:
+            raise CheckpointError(f"{source}: {name} was saved as {described['dtype']}{described['shape']}, the "
+                                  f"model has {like.dtype}{list(like.shape)}")
+        if not isinstance(like, DTensor):
+            return local.to(like.device)
+        want = tuple(like.to_local().shape)
+        if tuple(local.shape) != want:
+            raise CheckpointError(f"{source}: {name} local shard {tuple(local.shape)}, this rank holds {want}")
+        return DTensor.from_local(local.to(like.to_local().device), like.device_mesh, like.placements,
+                                  run_check=False, shape=like.shape, stride=like.stride())
+
+    new_model = {k: rebuild(k, v, local_model[k], index["model"][k], files["model"]) for k, v in current.items()}
+    params = dict(model.named_parameters())
+    opt_numbers, new_state = index["optimizer"], {}
+    for fqn, entry in opt_numbers["state"].items():
+        if fqn not in params:
+            raise CheckpointError(f"{in_dir / SHARD_INDEX}: optimizer state for {fqn}, not a parameter of the model")
+        new_state[fqn] = {}
+        for k, v in entry.items():
+            if isinstance(v, dict) and "tensor" in v:
+                key = f"{fqn}:{k}"
+                if key not in local_opt:
+                    raise CheckpointError(f"{files['optimizer']}: {key} missing")
+                like = params[fqn].detach() if v["tensor"]["dtensor"] else local_opt[key]
+                if v["tensor"]["dtensor"]:  # exp_avg / exp_avg_sq: the parameter's shape, sharding and mesh
+                    like = like.to(getattr(torch, v["tensor"]["dtype"]))
+                new_state[fqn][k] = rebuild(key, like, local_opt[key], v["tensor"], files["optimizer"])
+            else:
+                new_state[fqn][k] = v
+    groups = _inner_optimizer(optimizer).param_groups
+    if len(opt_numbers["param_groups"]) != len(groups):
+        raise CheckpointError(f"{in_dir / SHARD_INDEX}: {len(opt_numbers['param_groups'])} parameter groups saved, "
+                              f"the optimizer has {len(groups)}")
+    new_groups = [{k: tuple(v) if isinstance(cur.get(k), tuple) else v for k, v in saved.items()}
+                  for saved, cur in zip(opt_numbers["param_groups"], groups)]
+    set_model_state_dict(model, new_model, options=StateDictOptions(strict=not trainable_only))
+    set_optimizer_state_dict(model, _inner_optimizer(optimizer), {"state": new_state, "param_groups": new_groups})
+
+
+def full_state_dict(model, trainable_only: bool) -> dict:
+    """The whole (unsharded) weights on CPU on rank 0, an empty dict elsewhere. A collective under FSDP:
+    all ranks call it. trainable_only: just the trained parameters (LoRA)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainable_only:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in keep}
+    return sd
+
+
+def export_fsdp(model, out_dir: Path, lora_info: Optional[dict], rank: int) -> None:
+    """FSDP's final files, full tensors written by rank 0 (all ranks call it: the gather is collective):
+    LoRA -> out_dir/pytorch_lora_weights.safetensors in diffusers naming with alpha (as lora.save_lora);
+    full fine-tuning -> out_dir/transformer/ (config.json + diffusion_pytorch_model*.safetensors, sharded
+    with an index past 10 GB, as diffusers' save_pretrained)."""
+    full = full_state_dict(model, trainable_only=bool(lora_info))
+    if rank != 0:
+        return
+    if lora_info:
+        from diffusers import Flux2KleinPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        from .lora import LORA_FILE
+
+        state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=full).items()}
+        Flux2KleinPipeline.save_lora_weights(
+            str(out_dir), transformer_lora_layers=state, weight_name=LORA_FILE,
+            transformer_lora_adapter_metadata={"r": lora_info["rank"], "lora_alpha": lora_info["alpha"],
+                                               "target_modules": list(lora_info["targets"])})
+        return
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    target = out_dir / "transformer"
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_config(str(target))
+    split = split_torch_state_dict_into_shards(full, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                               max_shard_size="10GB")
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: full[n].contiguous() for n in names}, str(target / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        _write_json(target / "diffusion_pytorch_model.safetensors.index.json",
+                    {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
