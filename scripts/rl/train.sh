@@ -21,4 +21,5 @@ PYTHON=${PYTHON:-python}
 cmd=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NGPU" --nnodes "$NNODES" --node_rank "$NODE_RANK"
      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" RL/train_grpo.py "$@")
 echo "[rl/train.sh] ${cmd[*]}"
+[ "${DRY_RUN:-0}" = 1 ] && exit 0   # DRY_RUN=1: print the launch command only
 exec "${cmd[@]}"
