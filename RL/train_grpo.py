@@ -52,12 +52,17 @@ class Position:
 
     def __init__(self):
         self.step, self.iteration = 0, 0  # optimizer steps; rollout/train iterations done
+        self.judge_totals: dict | None = None  # JudgeClient.totals() at the last iteration's end (judge/total_*)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "iteration": self.iteration}
+        state = {"step": self.step, "iteration": self.iteration}
+        if self.judge_totals is not None:
+            state["judge_totals"] = dict(self.judge_totals)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.iteration = int(state["step"]), int(state["iteration"])
+        self.judge_totals = state.get("judge_totals")
 
 
 class BackgroundLoop:
@@ -201,10 +206,12 @@ def _train(cfg) -> dict:
         position.load_state_dict(load_training_state(resume_from / "training_state", accelerator, model, optimizer,
                                                      None, lora=True))
         runtime.print0(f"[rl] resumed from {resume_from} at step {position.step} (iteration {position.iteration})")
+        if judge is not None:
+            judge.load_totals(position.judge_totals)  # judge/total_* go on from the checkpoint's counts
 
     sigmas = sigma_schedule(S, s.shift)
     metrics = runtime.MetricsWriter(run_dir, wandb_enabled=cfg.wandb, wandb_project=cfg.wandb_project,
-                                    config=to_container(cfg))
+                                    config=to_container(cfg), resume_step=position.step)  # rows past it: superseded
     bar = runtime.progress(total=cfg.train.max_steps, desc="grpo", unit="step", initial=position.step)
 
     # ================================================================ loop
@@ -213,6 +220,8 @@ def _train(cfg) -> dict:
         while position.step < cfg.train.max_steps and not timed_out:
             it = position.iteration
             t0 = time.time()
+            if judge is not None:
+                judge.reset_stats()  # judge/* of this iteration's requests only; judge/total_* for the run
             # ---- rollout (the judge scores group k / chunk i while group k+1 / chunk i+1 is sampled)
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.eval()
@@ -246,8 +255,8 @@ def _train(cfg) -> dict:
                    "train_s": round(t_train, 3), "judge_failure_rate": fail_rate, "zero_variance_groups": zero_frac,
                    **{f"reward/{n}": _mean(v) for n, v in rewards.items()}, **stats}
             if judge is not None:
-                js = judge.stats()
-                row.update({f"judge/{k}": v for k, v in js.items()})
+                position.judge_totals = judge.totals()  # saved with the checkpoint below
+                row.update({f"judge/{k}": v for k, v in {**judge.stats(), **judge.total_stats()}.items()})
             metrics.log(row, step=position.step)
             if accelerator.is_main_process:
                 write_curves(run_dir)  # run_dir/curves.png: rewards, failures, clipping, ratio, KL, phase times

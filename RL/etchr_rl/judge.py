@@ -236,6 +236,7 @@ class JudgeClient:
         self._sem: Optional[asyncio.Semaphore] = None
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self.reset_stats()
+        self.load_totals(None)
 
     @classmethod
     def from_config(cls, judge_cfg: Any) -> "JudgeClient":
@@ -248,8 +249,13 @@ class JudgeClient:
                    retry_after_max_s=judge_cfg.retry_after_max_s)
 
     # --- statistics -------------------------------------------------------------------------
+    # Two sets of counters: a window (stats(), cleared by reset_stats(); the trainer clears it at the start of
+    # every iteration, so judge/* rows are that iteration's) and run totals (totals(), never cleared; saved
+    # with each checkpoint and restored by load_totals(), so judge/total_* continue across a resume).
+    TOTAL_KEYS = ("requests", "failures", "retries")
+
     def reset_stats(self) -> None:
-        """Start a new window (the trainer logs one window per step)."""
+        """Start a new window (the trainer opens one per iteration); the run totals are kept."""
         self._n_requests = self._n_failures = self._n_retries = 0
         self._latencies: list[float] = []
 
@@ -259,7 +265,27 @@ class JudgeClient:
         return {"requests": n, "failures": self._n_failures, "retries": self._n_retries,
                 "failure_rate": self._n_failures / n if n else 0.0,
                 "latency_mean_s": sum(self._latencies) / len(self._latencies) if self._latencies else 0.0,
-                "latency_p95_s": percentile(self._latencies, 95)}
+                "latency_p50_s": percentile(self._latencies, 50), "latency_p95_s": percentile(self._latencies, 95),
+                "latency_max_s": max(self._latencies, default=0.0)}
+
+    def totals(self) -> dict[str, int]:
+        """Requests, failures and retries since the run began (resumed attempts included after load_totals)."""
+        return {k: int(self._totals[k]) for k in self.TOTAL_KEYS}
+
+    def load_totals(self, saved: Optional[dict]) -> None:
+        """Continue the run totals from a checkpoint's saved totals() (None or {}: start from 0)."""
+        saved = saved or {}
+        bad = [k for k in saved if k not in self.TOTAL_KEYS or not isinstance(saved[k], int) or saved[k] < 0]
+        if bad:
+            raise ValueError(f"judge totals {saved!r}: unknown or invalid key(s) {bad}; expected non-negative "
+                             f"integers for {list(self.TOTAL_KEYS)}")
+        self._totals = {k: int(saved.get(k, 0)) for k in self.TOTAL_KEYS}
+
+    def total_stats(self) -> dict[str, float]:
+        """totals() plus the run's failure rate, named total_* for the metrics row."""
+        t = self.totals()
+        return {**{f"total_{k}": v for k, v in t.items()},
+                "total_failure_rate": t["failures"] / t["requests"] if t["requests"] else 0.0}
 
     # --- plumbing ---------------------------------------------------------------------------
     def _bind_loop(self) -> None:
@@ -395,6 +421,7 @@ class JudgeClient:
                         error += f"; request deadline of {self.request_deadline_s:g} s reached"
                         break
                     self._n_retries += 1
+                    self._totals["retries"] += 1
                     await asyncio.sleep(delay)
         return self._finish(JudgeReply(text=None, error=error, attempts=attempt, endpoint=endpoint), start)
 
@@ -417,8 +444,10 @@ class JudgeClient:
     def _finish(self, reply: JudgeReply, start: float) -> JudgeReply:
         reply.latency_s = time.monotonic() - start
         self._n_requests += 1
+        self._totals["requests"] += 1
         self._latencies.append(reply.latency_s)
         if not reply.ok:
             self._n_failures += 1
+            self._totals["failures"] += 1
             self.errors.append(f"{reply.endpoint}: {reply.error} (after {reply.attempts} attempt(s))")
         return reply

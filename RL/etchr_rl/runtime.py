@@ -217,24 +217,38 @@ class MetricsWriter:
 
     Only rank 0 writes. Each line carries `step` and wall-clock `time`; values must be JSON numbers,
     strings or bools (tensors are converted with float()).
+
+    Resume (`resume_step`: the step the trainer resumed at, 0 for a fresh start): rows with a larger step
+    were logged after that checkpoint by an attempt that died; they move to `metrics.superseded.jsonl`
+    before appending starts, so metrics.jsonl lists each step once, with the values of the attempt that
+    continued. `resume_step=None` (Evaluation, ad-hoc use) only appends. wandb: the run id is kept in
+    `<run_dir>/wandb_id.txt` and every attempt resumes that run (resume="allow"); an online run keeps the
+    values it first received for the replayed steps (wandb ignores a step below its current one), so
+    metrics.jsonl is the authority.
     """
+
+    SUPERSEDED = "metrics.superseded.jsonl"
+    WANDB_ID = "wandb_id.txt"
 
     def __init__(self, run_dir: str | os.PathLike, *, wandb_enabled: bool = False,
                  wandb_project: str = "etchr", wandb_run_name: str | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
         self._file = None
+        self.dropped = 0  # rows moved to metrics.superseded.jsonl by this writer
         if not is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         cut_torn_tail(self.path)  # a kill -9 mid-write leaves half a row; appending after it would glue two
+        if resume_step is not None:
+            self.dropped = drop_rows_after(self.path, int(resume_step), self.path.with_name(self.SUPERSEDED))
         self._file = open(self.path, "a", encoding="utf-8")
         if wandb_enabled:
             import wandb  # imported lazily: optional at run time
 
             self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
-                                     dir=str(Path(run_dir)))
+                                     dir=str(Path(run_dir)), id=wandb_run_id(run_dir), resume="allow")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self._file is None:
@@ -262,6 +276,51 @@ class MetricsWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def wandb_run_id(run_dir: str | os.PathLike) -> str:
+    """The wandb run id of this run dir: read from `<run_dir>/wandb_id.txt`, or made and written there on the
+    first call, so that every attempt of a resumed run logs to the same wandb run."""
+    path = Path(run_dir) / MetricsWriter.WANDB_ID
+    if path.is_file():
+        run_id = path.read_text(encoding="utf-8").strip()
+        if not run_id or not all(c.isalnum() or c in "-_" for c in run_id):
+            raise ValueError(f"{path}: {run_id!r} is not a wandb run id (letters, digits, - and _); "
+                             "delete the file to start a new wandb run")
+        return run_id
+    import secrets
+
+    run_id = secrets.token_hex(4)  # 8 characters, as wandb's own ids
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+def drop_rows_after(path: str | os.PathLike, step: int, superseded: str | os.PathLike) -> int:
+    """Remove the rows of a metrics.jsonl whose `step` is above `step`, appending them (as they were) to
+    `superseded`; returns how many moved. The kept lines are rewritten byte for byte through a temp file
+    and a rename, so a kill during the cut leaves the old file or the new one, never a mix. A row that is
+    not JSON is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row_step = json.loads(line).get("step")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+                raise ValueError(f"{path}: line {n} is not a JSON object ({exc})") from None
+            (drop if isinstance(row_step, (int, float)) and row_step > step else keep).append(line)
+    if not drop:
+        return 0
+    with open(superseded, "ab") as f:  # first: a kill between the two writes loses nothing
+        f.writelines(drop)
+        f.flush()
+        os.fsync(f.fileno())
+    atomic_write_bytes(path, b"".join(keep))
+    return len(drop)
 
 
 def cut_torn_tail(path: str | os.PathLike) -> int:
