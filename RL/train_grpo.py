@@ -38,7 +38,9 @@ from etchr_rl.checkpoint import (finalize, latest_checkpoint, load_training_stat
                                  repair_checkpoints, save_training_state, step_dir)
 from etchr_rl.config import ConfigError, load_rl_config, save_config, split_cli, to_container  # noqa: E402
 from etchr_rl.lora import save_lora  # noqa: E402
-from etchr_rl.model import DTYPES, add_lora, apply_speed_options, load_pipeline, lora_target_names, velocity  # noqa: E402
+from etchr_rl.model import (DTYPES, adamw_state_bytes, add_lora, apply_speed_options,  # noqa: E402
+                            configure_checkpointing, load_pipeline, lora_target_names, planning_image_tokens,
+                            velocity)
 from etchr_rl.plots import compose_panel, stack, write_curves  # noqa: E402
 from etchr_rl.rollout import noise_generator, sample_group  # noqa: E402
 from etchr_rl.sde import clipped_loss, log_prob, ratio, sde_mean, sigma_schedule, step_noise_scale  # noqa: E402
@@ -182,11 +184,17 @@ def _train(cfg) -> dict:
     targets = lora_target_names(transformer, list(cfg.lora.targets))
     add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, targets)
     lora_info = {"rank": cfg.lora.rank, "alpha": float(cfg.lora.alpha), "targets": targets}
-    if cfg.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     transformer.to(device)
-    apply_speed_options(transformer, attention_backend=cfg.model.attention_backend, compile=cfg.model.compile)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    # Which blocks are checkpointed in training (issue #17): all / none / pinned, or as many as
+    # model.activation_budget_gib needs, probed at the largest training shape.
+    ckpt = configure_checkpointing(
+        transformer, cfg.model, batch=cfg.train.micro_batch, text_tokens=cfg.model.max_sequence_length,
+        image_tokens=planning_image_tokens(cfg.data.resize, cfg.data.max_area, cfg.data.size,
+                                           cfg.model.activation_reference_pixels),
+        optimizer_state_bytes=adamw_state_bytes(params))
+    runtime.print0(f"[rl] activation checkpointing: {ckpt}")
+    apply_speed_options(transformer, attention_backend=cfg.model.attention_backend, compile=cfg.model.compile)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     model, optimizer = accelerator.prepare(transformer, optimizer)
@@ -213,6 +221,7 @@ def _train(cfg) -> dict:
     metrics = runtime.MetricsWriter(run_dir, wandb_enabled=cfg.wandb, wandb_project=cfg.wandb_project,
                                     config=to_container(cfg), resume_step=position.step)  # rows past it: superseded
     bar = runtime.progress(total=cfg.train.max_steps, desc="grpo", unit="step", initial=position.step)
+    metrics.log({"activation_checkpointing": ckpt}, step=position.step)
 
     # ================================================================ loop
     t_start, timed_out = time.time(), False
@@ -251,6 +260,11 @@ def _train(cfg) -> dict:
                                     n_train, position, it, rank, device, bar)
             t_train = time.time() - t2
             position.iteration += 1
+            if ckpt["mode"] == "budget" and "measured_peak_gib" not in ckpt:  # the plan against the first iteration
+                ckpt["measured_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+                runtime.print0(f"[rl] activation budget {ckpt['budget_gib']} GiB: predicted peak "
+                               f"{ckpt['predicted_peak_gib']} GiB, measured {ckpt['measured_peak_gib']} GiB")
+                metrics.log({"activation_checkpointing": ckpt}, step=position.step)
             row = {"iteration": position.iteration, "rollout_s": round(t_rollout, 3), "reward_s": round(t_reward, 3),
                    "train_s": round(t_train, 3), "judge_failure_rate": fail_rate, "zero_variance_groups": zero_frac,
                    **{f"reward/{n}": _mean(v) for n, v in rewards.items()}, **stats}
@@ -277,7 +291,8 @@ def _train(cfg) -> dict:
     runtime.print0(f"[rl] done: {position.step} steps, {position.iteration} iterations{stop}; checkpoints in "
                    f"{run_dir / 'checkpoints'}")
     accelerator.end_training()
-    return {"step": position.step, "timed_out": timed_out, "transformer": accelerator.unwrap_model(model)}
+    return {"step": position.step, "timed_out": timed_out, "transformer": accelerator.unwrap_model(model),
+            "activation_checkpointing": ckpt}
 
 
 def _out_of_time(accelerator, limit_s: float, elapsed_s: float, device) -> bool:

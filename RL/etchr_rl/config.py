@@ -41,6 +41,19 @@ class ModelConfig:
     pretrained_path: str = MISSING  # merged SFT pipeline dir (CHECKPOINTS.md)
     dtype: str = "bf16"  # bf16 | fp32
     gradient_checkpointing: bool = True
+    # Activation memory by budget (issue #17, docs/PERFORMANCE.md): 0 = off (gradient_checkpointing decides:
+    # every block or none). A number = the peak GiB a training forward + backward may reach on each GPU;
+    # "auto" = activation_budget_fraction of the card's memory. Before the first iteration a probe at the
+    # largest training shape (train.micro_batch transitions, a data.max_area / data.size target, an
+    # activation_reference_pixels condition image, 512 text tokens) measures the peak with every block
+    # checkpointed and the extra per un-checkpointed block; as many blocks as fit run without
+    # checkpointing. Rollouts (no grad) are unaffected. CUDA only (refused on CPU: pin checkpoint_blocks).
+    activation_budget_gib: Any = 0
+    activation_budget_fraction: float = 0.9  # of the card's total memory, for activation_budget_gib=auto
+    activation_reference_pixels: int = 1048576  # pixels; the largest condition image planned for (pipeline cap)
+    # [n_double, n_single]: checkpoint the first n blocks of each stack (9B: 8 double, 24 single), run the
+    # rest plainly; overrides the keys above. null = as they say.
+    checkpoint_blocks: Optional[list] = None
     max_sequence_length: int = 512  # text tokens
     # Speed switches (docs/PERFORMANCE.md, bench_rl_group). compile: regional torch.compile of the
     # transformer blocks (rollout and training; not bit-identical to eager). attention_backend: diffusers'
@@ -264,6 +277,25 @@ def validate_rl(cfg: DictConfig) -> None:
     if cfg.train.micro_batch < 1:
         raise ConfigError(f"train.micro_batch={cfg.train.micro_batch}: use >= 1 transitions per training forward")
     check_attention_backend(cfg.model.attention_backend, dtype=cfg.model.dtype)
+    check_activation_keys(cfg.model)
+
+
+def check_activation_keys(model) -> None:
+    """model.activation_budget_gib (a number >= 0 or "auto"), activation_budget_fraction, checkpoint_blocks."""
+    b = model.activation_budget_gib
+    ok = (isinstance(b, str) and b.strip().lower() == "auto") or (isinstance(b, (int, float)) and not
+                                                                  isinstance(b, bool) and b >= 0)
+    if not ok:
+        raise ConfigError(f"model.activation_budget_gib={b!r}: use 0 (off), a number of GiB or auto")
+    if not 0 < model.activation_budget_fraction <= 1:
+        raise ConfigError(f"model.activation_budget_fraction={model.activation_budget_fraction}: use (0, 1]")
+    if model.activation_reference_pixels < 256:
+        raise ConfigError(f"model.activation_reference_pixels={model.activation_reference_pixels}: use >= 256")
+    cb = model.checkpoint_blocks
+    if cb is not None and (len(cb) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                   for n in cb)):
+        raise ConfigError(f"model.checkpoint_blocks={list(cb)}: use [n_double, n_single] (non-negative integers: "
+                          "how many blocks of each stack are checkpointed) or null")
 
 
 def check_attention_backend(backend: str, *, dtype: Optional[str] = None, device_type: Optional[str] = None) -> None:
