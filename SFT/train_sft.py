@@ -29,6 +29,7 @@ from etchr_sft.checkpoint import (CheckpointError, export_fsdp, finalize, latest
                                   load_training_state, meta, repair_checkpoints, save_training_state, step_dir)
 from etchr_sft.config import ConfigError, load_sft_config, save_config, split_cli, to_container  # noqa: E402
 from etchr_sft.data import BatchDataset, DataError, bucket_key, make_batches, read_csv, shard  # noqa: E402
+from etchr_sft.fp8 import apply_fp8, check_fp8  # noqa: E402
 from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
 from etchr_sft.model import (DTYPES, TensorCache, add_lora, apply_speed_options, encode_images,  # noqa: E402
                              encode_prompts, load_pipeline, lora_target_names, pack, pack_reference, velocity)
@@ -96,6 +97,7 @@ def _train(cfg, pipe=None) -> dict:
     # ================================================================ build
     cuda = torch.cuda.is_available()
     _check_sharding_backend(cuda, cfg)
+    check_fp8(cfg.model.fp8, lora_enabled=cfg.lora.enabled)  # no torchao / CUDA / fp8 GPU: stop before loading
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not cuda,
                               mixed_precision=cfg.train.mixed_precision if cuda else "no")
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -121,9 +123,13 @@ def _train(cfg, pipe=None) -> dict:
         lora_info = {"rank": cfg.lora.rank, "alpha": float(cfg.lora.alpha), "targets": targets}
     else:
         transformer.requires_grad_(True)
+    fp8_layers = apply_fp8(transformer, cfg.model.fp8)  # frozen LoRA base layers -> torchao float8 (model.fp8)
+    if fp8_layers:
+        runtime.print0(f"[sft] model.fp8={cfg.model.fp8}: {len(fp8_layers)} frozen base layers run float8 matmuls")
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     speed = apply_speed_options(transformer, cfg.model)
+    speed += [f"fp8={cfg.model.fp8} ({len(fp8_layers)} layers)"] if fp8_layers else []
     params = [p for p in transformer.parameters() if p.requires_grad]
     fused = {"fused": True} if cfg.optim.fused and device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,

@@ -60,6 +60,10 @@ class ModelConfig:
     # 2.11 the compiled backward failed at 1024^2 (CUBLAS_STATUS_EXECUTION_FAILED; docs/PERFORMANCE.md).
     compile: bool = False
     attention_backend: str = "native"  # native (torch SDPA picks; fastest measured) | _native_flash | _native_efficient | _native_math
+    # fp8 matmuls for the frozen base under LoRA (issue #17; etchr_sft/fp8.py): none | float8_rowwise |
+    # float8_tensorwise (torchao float8 training recipes). LoRA A/B stay bf16. Needs torchao, a CUDA GPU of
+    # compute capability >= 8.9 and lora.enabled=true; refused before loading otherwise. Not bit-identical.
+    fp8: str = "none"
 
 
 @dataclass
@@ -233,6 +237,8 @@ def validate_sft(cfg: DictConfig) -> None:
         raise ConfigError(f"model.attention_backend={cfg.model.attention_backend!r}: use one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
     check_activation_keys(cfg.model)
+    if cfg.model.fp8 not in ("none", "float8_rowwise", "float8_tensorwise"):
+        raise ConfigError(f"model.fp8={cfg.model.fp8!r}: use none, float8_rowwise or float8_tensorwise")
     if cfg.train.timestep_lookup not in ("exact", "reference_bf16"):
         raise ConfigError(f"train.timestep_lookup={cfg.train.timestep_lookup!r}: use exact or reference_bf16")
 
