@@ -35,6 +35,7 @@ from etchr_sft.model import (DTYPES, TensorCache, add_lora, apply_speed_options,
                              encode_prompts, load_pipeline, lora_target_names, pack, pack_reference, velocity)
 from etchr_sft.objective import lookup, make_schedule, noisy_input, sample_generator, weighted_mse  # noqa: E402
 from etchr_sft.plots import compose_panel, stack, write_curves  # noqa: E402
+from etchr_sft.precompute import PrecomputedDataset, PrecomputedStore, model_fingerprint  # noqa: E402
 
 log = runtime.get_logger("etchr_sft")
 
@@ -112,8 +113,11 @@ def _train(cfg, pipe=None) -> dict:
 
     if pipe is None:
         pipe = load_pipeline(cfg.model.pretrained_path, DTYPES[cfg.model.dtype])
-    pipe.vae.to(device)
-    pipe.text_encoder.to(device)
+    precomputed = bool(cfg.data.precomputed_dir)  # conditioning read from disk: the encoders stay on the CPU
+    fingerprint = model_fingerprint(pipe) if precomputed else None  # of the encoders as loaded, before any move
+    if not precomputed:
+        pipe.vae.to(device)
+        pipe.text_encoder.to(device)
     transformer = pipe.transformer
     lora_info = None
     if cfg.lora.enabled:
@@ -136,6 +140,10 @@ def _train(cfg, pipe=None) -> dict:
                                   weight_decay=cfg.optim.weight_decay, **fused)
 
     rows = read_csv(cfg.data.csv, cfg.data.base_path)
+    store = PrecomputedStore(cfg.data.precomputed_dir, rows, cfg, fingerprint) if precomputed else None
+    if store is not None:
+        runtime.print0(f"[sft] precomputed conditioning: {len(set(store.shard_of))} shard(s) in "
+                       f"{cfg.data.precomputed_dir}; text encoder and VAE not run for training")
     keys = [bucket_key(r, cfg.data.max_pixels, cfg.data.multiple_of, cfg.data.reference_resize) for r in rows]
     batches_per_epoch = len(shard(make_batches(keys, cfg.train.batch_size, cfg.train.seed, 0, cfg.data.aspect_buckets),
                                   rank, world))
@@ -180,10 +188,15 @@ def _train(cfg, pipe=None) -> dict:
                                     config=to_container(cfg), resume_step=position.step)  # rows past it: superseded
 
     def compute_loss(batch: dict) -> torch.Tensor:
-        prompts, index = batch["prompt"], batch["index"].tolist()
-        embeds, text_ids = _cached_prompts(pipe, prompts, device, cfg.model.max_sequence_length, text_cache)
-        x0 = encode_images(pipe, batch["target"])  # (B, C, h, w)
-        ref = _cached_references(pipe, batch, rows, ref_cache)
+        index = batch["index"].tolist()
+        if precomputed:  # the loader read them from data.precomputed_dir (etchr_sft.precompute)
+            embeds, text_ids = batch["prompt_embeds"].to(device), batch["text_ids"].to(device)
+            x0, ref = batch["target"].to(device), batch["reference"].to(device)
+        else:
+            embeds, text_ids = _cached_prompts(pipe, batch["prompt"], device, cfg.model.max_sequence_length,
+                                               text_cache)
+            x0 = encode_images(pipe, batch["target"])  # (B, C, h, w)
+            ref = _cached_references(pipe, batch, rows, ref_cache)
         x0_tok, x_ids = pack(x0.float())
         ref_tok, ref_ids = pack_reference(ref)
         # Per-sample timestep and noise from (seed, epoch, sample): independent of rank and world size.
@@ -204,8 +217,11 @@ def _train(cfg, pipe=None) -> dict:
     while position.step < total_steps and not timed_out:
         epoch_batches = shard(make_batches(keys, cfg.train.batch_size, cfg.train.seed, position.epoch,
                                            cfg.data.aspect_buckets), rank, world)
-        dataset = BatchDataset(rows, epoch_batches[position.cursor:], max_pixels=cfg.data.max_pixels,
-                               multiple_of=cfg.data.multiple_of, reference_resize=cfg.data.reference_resize)
+        if store is not None:
+            dataset = PrecomputedDataset(store, epoch_batches[position.cursor:])
+        else:
+            dataset = BatchDataset(rows, epoch_batches[position.cursor:], max_pixels=cfg.data.max_pixels,
+                                   multiple_of=cfg.data.multiple_of, reference_resize=cfg.data.reference_resize)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
                                              num_workers=cfg.data.num_workers, persistent_workers=False)
         for batch in loader:
@@ -364,6 +380,10 @@ def validate(accelerator, pipe, transformer, cfg, rows, step: int, metrics) -> N
 
     model = accelerator.unwrap_model(transformer)
     model.eval()
+    parked = bool(cfg.data.precomputed_dir)  # the encoders wait on the CPU; on the device for these edits only
+    if parked:
+        pipe.vae.to(accelerator.device)
+        pipe.text_encoder.to(accelerator.device)
     out_dir = Path(cfg.train.run_dir) / "validation" / f"step-{step:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     images, panels = [], []
@@ -378,6 +398,11 @@ def validate(accelerator, pipe, transformer, cfg, rows, step: int, metrics) -> N
         images.append(edit)
         panels.append(compose_panel(ref, [edit], row.prompt))
     stack(panels).save(out_dir.parent / f"panel-step-{step:06d}.png")  # source | edit, prompt beneath; a row per item
+    if parked:
+        pipe.vae.to("cpu")
+        pipe.text_encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     model.train()
     if metrics._wandb is not None:
         import wandb

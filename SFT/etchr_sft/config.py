@@ -87,6 +87,13 @@ class DataConfig:
     num_workers: int = 2  # dataloader workers per process
     cache_text_embeddings: bool = False  # encode each prompt once and keep it on disk
     cache_reference_latents: bool = False  # encode each reference image once and keep it on disk
+    # Precomputed conditioning (issue #17; SFT.md): a folder written by SFT/precompute.py with every row's text
+    # embeddings and target / reference latents. Set, the trainer reads them and never runs the text encoder
+    # or VAE for training (both stay on the CPU; validation edits move them to the GPU while they run), and
+    # stops (exit 2) if a row is missing or a setting / the encoders differ. "" = encode in the loop.
+    precomputed_dir: str = ""
+    precompute_batch_size: int = 8  # samples per text-encoder / VAE call in SFT/precompute.py, per GPU
+    precompute_shard_batches: int = 64  # batches per shard file written by SFT/precompute.py
 
 
 @dataclass
@@ -228,6 +235,11 @@ def validate_sft(cfg: DictConfig) -> None:
         raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: use bf16 or no")
     if cfg.train.time_limit_s < 0:
         raise ConfigError(f"train.time_limit_s={cfg.train.time_limit_s}: use 0 (no limit) or a number of seconds")
+    if cfg.data.precomputed_dir and (cfg.data.cache_text_embeddings or cfg.data.cache_reference_latents):
+        raise ConfigError("data.precomputed_dir supersedes data.cache_text_embeddings / data.cache_reference_latents: "
+                          "set those to false (the precomputed folder already holds every row's tensors)")
+    if cfg.data.precompute_batch_size < 1 or cfg.data.precompute_shard_batches < 1:
+        raise ConfigError("data.precompute_batch_size and data.precompute_shard_batches must be >= 1")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if cfg.model.attention_backend in TRAINING_UNSAFE_ATTENTION_BACKENDS:
@@ -289,7 +301,7 @@ def resolve_paths(cfg: DictConfig, fields: tuple, hub_fields: tuple = (), keep: 
 
 def load_sft_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:
     def resolve_then_validate(cfg: DictConfig) -> None:
-        resolve_paths(cfg, ("data.csv", "data.base_path", "train.run_dir", "train.resume"),
+        resolve_paths(cfg, ("data.csv", "data.base_path", "data.precomputed_dir", "train.run_dir", "train.resume"),
                       hub_fields=("model.pretrained_path",), keep=("auto", "never"))
         validate_sft(cfg)
 
