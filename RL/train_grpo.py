@@ -37,6 +37,7 @@ from etchr_rl.advantages import combine, dist_gather, gdpo, zero_variance_fracti
 from etchr_rl.checkpoint import (finalize, latest_checkpoint, load_training_state, meta,  # noqa: E402
                                  repair_checkpoints, save_training_state, step_dir)
 from etchr_rl.config import ConfigError, load_rl_config, save_config, split_cli, to_container  # noqa: E402
+from etchr_rl.fp8 import apply_fp8, check_fp8  # noqa: E402
 from etchr_rl.lora import save_lora  # noqa: E402
 from etchr_rl.model import (DTYPES, adamw_state_bytes, add_lora, apply_speed_options,  # noqa: E402
                             configure_checkpointing, load_pipeline, lora_target_names, planning_image_tokens,
@@ -136,6 +137,7 @@ def _train(cfg) -> dict:
 
     # ================================================================ build
     cuda = torch.cuda.is_available()
+    check_fp8(cfg.model.fp8)  # no torchao / CUDA / fp8 GPU: stop before the run dir, the judge and the weights
     accelerator = Accelerator(cpu=not cuda)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     set_seed(cfg.train.seed)
@@ -183,6 +185,9 @@ def _train(cfg) -> dict:
     transformer.requires_grad_(False)
     targets = lora_target_names(transformer, list(cfg.lora.targets))
     add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, targets)
+    fp8_layers = apply_fp8(transformer, cfg.model.fp8)  # frozen LoRA base layers -> torchao float8 (model.fp8)
+    if fp8_layers:
+        runtime.print0(f"[rl] model.fp8={cfg.model.fp8}: {len(fp8_layers)} frozen base layers run float8 matmuls")
     lora_info = {"rank": cfg.lora.rank, "alpha": float(cfg.lora.alpha), "targets": targets}
     transformer.to(device)
     params = [p for p in transformer.parameters() if p.requires_grad]

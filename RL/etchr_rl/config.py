@@ -60,6 +60,10 @@ class ModelConfig:
     # attention dispatch for the transformer, one of ATTENTION_BACKENDS ("native" = torch SDPA's choice).
     compile: bool = False
     attention_backend: str = "native"
+    # fp8 matmuls for the frozen base under LoRA (issue #17; etchr_rl/fp8.py): none | float8_rowwise |
+    # float8_tensorwise (torchao float8 training recipes), rollouts and training alike; LoRA A/B stay bf16.
+    # Needs torchao and a CUDA GPU of compute capability >= 8.9; refused before loading otherwise.
+    fp8: str = "none"
 
 
 @dataclass
@@ -277,6 +281,8 @@ def validate_rl(cfg: DictConfig) -> None:
     if cfg.train.micro_batch < 1:
         raise ConfigError(f"train.micro_batch={cfg.train.micro_batch}: use >= 1 transitions per training forward")
     check_attention_backend(cfg.model.attention_backend, dtype=cfg.model.dtype)
+    if cfg.model.fp8 not in ("none", "float8_rowwise", "float8_tensorwise"):
+        raise ConfigError(f"model.fp8={cfg.model.fp8!r}: use none, float8_rowwise or float8_tensorwise")
     check_activation_keys(cfg.model)
 
 

@@ -4,8 +4,9 @@ model.fp8=float8_rowwise | float8_tensorwise swaps the frozen `base_layer` Linea
 for torchao's float8 training Linear (torchao.float8.convert_to_float8_training with the recipe of that
 name). Its forward and its input-gradient matmul run in float8 (e4m3, dynamic scales per row or per
 tensor); the LoRA A/B matrices, everything outside the LoRA layers and the optimizer stay in bf16 / fp32.
-torchao's autograd function also forms the weight-gradient matmul, which a frozen base discards: under
-model.compile AOTAutograd drops it (the weight needs no grad), eager it is computed and thrown away.
+torchao's autograd function (torchao/float8/float8_linear.py) also forms the weight-gradient matmul, which a
+frozen base discards: eager it is computed and thrown away; under model.compile it is an unused output of the
+traced backward, which the graph partitioner should drop (not measured).
 
 Only base layers whose in and out features are multiples of 16 are converted (the fp8 matmul's alignment;
 the same rule as Evaluation's editor). Full fine-tuning is refused (this switch is for the frozen base;

@@ -1,0 +1,89 @@
+"""model.fp8 in RL (issue #17; RL's own copy of etchr_rl/fp8.py): the converted layers are the frozen LoRA base
+layers with 16-aligned shapes, never LoRA's A/B; train_grpo.py refuses (exit 2) where fp8 cannot run, before
+the run dir, the judge or the weights are touched. The fp8 numbers need an fp8 GPU (bench_rl_group)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from etchr_rl.config import REFERENCE_LORA_TARGETS
+from etchr_rl.fp8 import Fp8Unavailable, check_fp8, fp8_layer_names
+from etchr_rl.model import add_lora, lora_target_names
+
+RL_DIR = Path(__file__).resolve().parents[1]
+REPO = RL_DIR.parent
+CONFIG = str(REPO / "configs" / "rl" / "tiny_demo.yaml")
+HAVE_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+def _tiny_transformer_with_lora():
+    """The tiny twin's transformer with an MLP width of 32 * 2.75 = 88 (no multiple of 16): the double blocks'
+    ff.linear_out (88 -> 32) is misaligned, the attention projections (32 -> 32) aligned."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from diffusers import Flux2Transformer2DModel
+    from make_tiny_models import TINY_TRANSFORMER
+
+    torch.manual_seed(0)
+    t = Flux2Transformer2DModel(**{**TINY_TRANSFORMER, "mlp_ratio": 2.75})
+    t.requires_grad_(False)
+    targets = lora_target_names(t, list(REFERENCE_LORA_TARGETS))
+    add_lora(t, 4, 8.0, targets)
+    return t, targets
+
+
+def test_selection_is_the_aligned_frozen_base_layers_only():
+    t, targets = _tiny_transformer_with_lora()
+    modules = dict(t.named_modules())
+    misaligned = {n for n in targets if n.endswith(("ff.linear_out", "ff_context.linear_out"))}
+    assert misaligned and len(misaligned) < len(targets)
+    names = fp8_layer_names(t)
+    assert sorted(names) == sorted(f"{n}.base_layer" for n in targets if n not in misaligned)
+    assert all(type(modules[n]) is torch.nn.Linear and not modules[n].weight.requires_grad for n in names)
+    assert not any("lora_A" in n or "lora_B" in n for n in names)
+
+
+def test_check_refuses_unknown_mode():
+    with pytest.raises(Fp8Unavailable, match="use one of none, float8_rowwise, float8_tensorwise"):
+        check_fp8("fp8")
+    check_fp8("none")
+
+
+def _expected_refusal(mode: str) -> str | None:
+    if not HAVE_TORCHAO:
+        return f"model.fp8={mode} needs torchao"
+    if not torch.cuda.is_available():
+        return f"model.fp8={mode} needs a CUDA GPU"
+    if torch.cuda.get_device_capability() < (8, 9):
+        return "needs compute capability >= 8.9"
+    return None
+
+
+def _run(tiny_models, tmp_path, *extra):
+    argv = ["--config", CONFIG, f"model.pretrained_path={tiny_models.flux}", f"data.jsonl={tmp_path / 'none.jsonl'}",
+            f"train.run_dir={tmp_path / 'run'}", "judge.endpoints=[http://127.0.0.1:9/v1]", *extra]
+    return subprocess.run([sys.executable, str(RL_DIR / "train_grpo.py")] + argv, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                                                WANDB_MODE="offline"), cwd=REPO)
+
+
+@pytest.mark.skipif(_expected_refusal("x") is None, reason="this machine can run fp8 (the refusal cannot happen)")
+@pytest.mark.parametrize("mode", ["float8_rowwise", "float8_tensorwise"])
+def test_entry_point_refuses_where_fp8_cannot_run(tiny_models, tmp_path, mode):
+    res = _run(tiny_models, tmp_path, f"model.fp8={mode}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert _expected_refusal(mode) in res.stderr and "model.fp8=none" in res.stderr, res.stderr[-2000:]
+    # stopped before anything: no run dir config, and not the missing JSONL or the unreachable judge
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert "none.jsonl" not in res.stderr and "judge" not in res.stderr.lower()
+
+
+def test_entry_point_rejects_unknown_mode(tiny_models, tmp_path):
+    res = _run(tiny_models, tmp_path, "model.fp8=int8")
+    assert res.returncode == 2 and "model.fp8='int8'" in res.stderr, res.stderr[-2000:]
