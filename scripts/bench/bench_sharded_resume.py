@@ -118,7 +118,14 @@ def wait(p: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
         os.killpg(p.pid, signal.SIGKILL)
         raise SystemExit(f"{what}: still running after {timeout:.0f} s; log {log}")
     if rc != 0:
-        raise SystemExit(f"{what}: exit {rc}; last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+        lines = log.read_text(errors="replace").splitlines()
+        own = [ln for ln in lines if ln.startswith("error:") or "Error:" in ln][:12]  # the trainer's own message first
+        raise CaseFailed(f"{what}: exit {rc}; error lines of {log}:\n" + "\n".join(own)
+                         + "\nlast lines:\n" + "\n".join(lines[-15:]))
+
+
+class CaseFailed(RuntimeError):
+    """A run of a case failed; the case is reported as not ok and the next case still runs."""
 
 
 def export_tensors(ck: Path, lora: bool) -> dict:
@@ -241,7 +248,10 @@ def main(argv=None) -> int:
     csv = write_data(args.out / "data", args.samples)
     failed = 0
     for name in args.cases:
-        result = run_case(args, name, model, csv)
+        try:
+            result = run_case(args, name, model, csv)
+        except CaseFailed as exc:
+            result = {"case": name, "ok": False, "error": str(exc)}
         print(json.dumps(result), flush=True)
         failed += not result["ok"]
     return 1 if failed else 0
