@@ -153,11 +153,16 @@ def run_case(args, name: str, model: Path, csv: Path) -> dict:
                    root / "killed.log")
     t0 = time.time()
     while not any(r["step"] >= args.kill_at for r in rows(kill_dir)):
-        if killed.poll() is not None:
-            raise SystemExit(f"{name}: the run to kill ended (exit {killed.returncode}) before step {args.kill_at}; "
-                             f"log {root / 'killed.log'}")
-        if time.time() - t0 > args.timeout:
-            raise SystemExit(f"{name}: step {args.kill_at} not reached in {args.timeout} s; log {root / 'killed.log'}")
+        late = time.time() - t0 > args.timeout
+        if killed.poll() is not None or late:  # the case fails; stop both runs so the next case has the GPU
+            for p in (ref, killed):
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            if late:
+                raise CaseFailed(f"{name}: step {args.kill_at} not reached in {args.timeout} s; log {root / 'killed.log'}")
+            wait(killed, root / "killed.log", f"{name} run to kill", args.timeout)  # raises with its error lines
+            raise CaseFailed(f"{name}: the run to kill ended before step {args.kill_at}; log {root / 'killed.log'}")
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
