@@ -116,7 +116,7 @@ def wait(p: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        raise SystemExit(f"{what}: still running after {timeout:.0f} s; log {log}")
+        raise CaseFailed(f"{what}: still running after {timeout:.0f} s; log {log}")
     if rc != 0:
         lines = log.read_text(errors="replace").splitlines()
         own = [ln for ln in lines if ln.startswith("error:") or "Error:" in ln][:12]  # the trainer's own message first
