@@ -89,3 +89,18 @@ def apply_fp8(transformer, mode: str) -> list[str]:
         raise Fp8Unavailable(f"model.fp8={mode}: torchao converted {len(converted)} of the {len(names)} selected "
                              "base layers")
     return converted
+
+
+def undo_fp8(transformer) -> int:
+    """Put a plain torch.nn.Linear back in place of every torchao Float8Linear (same weight and bias
+    Parameters, nothing copied); returns how many. Benchmarks that train several variants on one in-memory
+    model call it before unloading LoRA (peft's unload would otherwise leave the float8 layers behind)."""
+    swaps = [(name, m) for name, m in transformer.named_modules() if type(m).__name__ == "Float8Linear"]
+    for name, m in swaps:
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name) if parent_name else transformer
+        plain = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight = m.weight
+        plain.bias = m.bias
+        setattr(parent, child, plain)
+    return len(swaps)

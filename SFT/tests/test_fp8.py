@@ -160,3 +160,29 @@ def test_fp8_lora_step_close_to_bf16_on_gpu(mode):
     loss, grad = step(t)
     assert abs(loss - ref_loss) <= 0.05 * abs(ref_loss)
     assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0).item() > 0.95
+
+
+def test_undo_restores_plain_linear_layers_with_the_same_weights():
+    """undo_fp8 (benchmarks reuse one model across variants): every layer named Float8Linear goes back to a
+    plain Linear holding the very same Parameters.
+    (torchao's class is stood in for by a Linear subclass of that name: the swap-back keys on the type name.)"""
+    from etchr_sft.fp8 import undo_fp8
+
+    class Float8Linear(torch.nn.Linear):
+        def forward(self, x):  # a stand-in that computes something else, so a left-behind layer shows
+            return super().forward(x) * 2
+
+    t, _ = _tiny_transformer_with_lora()
+    names = fp8_layer_names(t)
+    before = {n: t.get_submodule(n).weight for n in names}
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        old = t.get_submodule(n)
+        new = Float8Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+        new.weight, new.bias = old.weight, old.bias
+        setattr(t.get_submodule(parent), child, new)
+    assert undo_fp8(t) == len(names) and undo_fp8(t) == 0
+    for n in names:
+        m = t.get_submodule(n)
+        assert type(m) is torch.nn.Linear and m.weight is before[n]
+    assert fp8_layer_names(t) == names
