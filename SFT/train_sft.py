@@ -31,8 +31,10 @@ from etchr_sft.config import ConfigError, load_sft_config, save_config, split_cl
 from etchr_sft.data import BatchDataset, DataError, bucket_key, make_batches, read_csv, shard  # noqa: E402
 from etchr_sft.fp8 import apply_fp8, check_fp8  # noqa: E402
 from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
-from etchr_sft.model import (DTYPES, TensorCache, add_lora, apply_speed_options, encode_images,  # noqa: E402
-                             encode_prompts, load_pipeline, lora_target_names, pack, pack_reference, velocity)
+from etchr_sft.data import REFERENCE_AREA  # noqa: E402
+from etchr_sft.model import (DTYPES, TensorCache, adamw_state_bytes, add_lora, apply_speed_options,  # noqa: E402
+                             configure_checkpointing, encode_images, encode_prompts, load_pipeline,
+                             lora_target_names, pack, pack_reference, velocity)
 from etchr_sft.objective import lookup, make_schedule, noisy_input, sample_generator, weighted_mse  # noqa: E402
 from etchr_sft.plots import compose_panel, stack, write_curves  # noqa: E402
 from etchr_sft.precompute import PrecomputedDataset, PrecomputedStore, model_fingerprint  # noqa: E402
@@ -130,11 +132,18 @@ def _train(cfg, pipe=None) -> dict:
     fp8_layers = apply_fp8(transformer, cfg.model.fp8)  # frozen LoRA base layers -> torchao float8 (model.fp8)
     if fp8_layers:
         runtime.print0(f"[sft] model.fp8={cfg.model.fp8}: {len(fp8_layers)} frozen base layers run float8 matmuls")
-    if cfg.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if _budget_mode(cfg.model):
+        transformer.to(device)  # the probe measures on the device (accelerator.prepare would move it anyway)
+    # Which blocks are checkpointed (issue #17): all / none / pinned, or as many as model.activation_budget_gib
+    # needs, probed at the largest shape (max_pixels target + 1024^2 reference) so no aspect bucket exceeds it.
+    ckpt = configure_checkpointing(transformer, cfg.model, batch=cfg.train.batch_size,
+                                   image_tokens=cfg.data.max_pixels // 256 + REFERENCE_AREA // 256,
+                                   text_tokens=cfg.model.max_sequence_length,
+                                   optimizer_state_bytes=adamw_state_bytes(params))
+    runtime.print0(f"[sft] activation checkpointing: {ckpt}")
     speed = apply_speed_options(transformer, cfg.model)
     speed += [f"fp8={cfg.model.fp8} ({len(fp8_layers)} layers)"] if fp8_layers else []
-    params = [p for p in transformer.parameters() if p.requires_grad]
     fused = {"fused": True} if cfg.optim.fused and device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay, **fused)
@@ -186,6 +195,8 @@ def _train(cfg, pipe=None) -> dict:
     ref_cache = TensorCache(str(run_dir / "cache" / "reference") if cfg.data.cache_reference_latents else None)
     metrics = runtime.MetricsWriter(run_dir, wandb_enabled=cfg.wandb, wandb_project=cfg.wandb_project,
                                     config=to_container(cfg), resume_step=position.step)  # rows past it: superseded
+    if ckpt["mode"] in ("budget", "pinned"):  # the default modes add no row (metrics.jsonl stays one row per log)
+        metrics.log({"activation_checkpointing": ckpt}, step=position.step)
 
     def compute_loss(batch: dict) -> torch.Tensor:
         index = batch["index"].tolist()
@@ -251,6 +262,13 @@ def _train(cfg, pipe=None) -> dict:
             now = time.time()
             timed_out = _out_of_time(accelerator, cfg.train.time_limit_s, now - t_start, device)
             last = position.step == total_steps or timed_out
+            if ckpt["mode"] == "budget" and "measured_peak_gib" not in ckpt and (position.step >= 2 or last):
+                # the plan against the run: step 2 is the first with the optimizer state resident all along
+                ckpt["measured_peak_gib"] = _peak_memory(accelerator, device)["max_memory_allocated_gib"]
+                runtime.print0(f"[sft] activation budget {ckpt['budget_gib']} GiB: predicted peak "
+                               f"{ckpt['predicted_peak_gib']} GiB, measured {ckpt['measured_peak_gib']} GiB "
+                               f"(steps 1-{position.step})")
+                metrics.log({"activation_checkpointing": ckpt}, step=position.step)
             if position.step % cfg.train.log_every == 0 or last:
                 metrics.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -277,7 +295,8 @@ def _train(cfg, pipe=None) -> dict:
     runtime.print0(f"[sft] done: {position.step} steps in {time.time() - t_start:.1f} s{stop}; checkpoints in "
                    f"{run_dir / 'checkpoints'}")
     accelerator.end_training()
-    return {"step": position.step, "timed_out": timed_out, "transformer": accelerator.unwrap_model(transformer)}
+    return {"step": position.step, "timed_out": timed_out, "transformer": accelerator.unwrap_model(transformer),
+            "activation_checkpointing": ckpt}
 
 
 # ================================================================ time limit, DeepSpeed, FSDP, memory
@@ -299,6 +318,11 @@ def _check_sharding_backend(cuda: bool, cfg) -> None:
         raise ConfigError(f"{source} asks for FSDP over {os.environ['WORLD_SIZE']} processes and "
                           f"train.validate_every={cfg.train.validate_every}: validation runs on rank 0 alone, which "
                           "cannot run a sharded model; set train.validate_every=0 (validate the exported checkpoint).")
+
+
+def _budget_mode(model_cfg) -> bool:
+    b = model_cfg.activation_budget_gib
+    return model_cfg.checkpoint_blocks is None and not (isinstance(b, (int, float)) and float(b) == 0)
 
 
 def _out_of_time(accelerator, limit_s: float, elapsed_s: float, device) -> bool:

@@ -31,3 +31,26 @@ def test_bench_sft_step_tiny_runs_reference_and_the_real_trainer(tmp_path):
     assert variants["reference"]["ratio_vs_reference"] == 1.0
     # the same sample, timestep and noise: the trainer's variants start from the same loss
     assert abs(variants["ours_fused"]["first_loss"] - variants["ours_eager"]["first_loss"]) < 1e-5
+
+
+def test_bench_sft_step_tiny_losses_compare_with_the_reference_and_variants_take_overrides(tmp_path):
+    """--loss-steps: the reference loop visits the trainer's samples with the trainer's timesteps, noise,
+    weights and LoRA seed, so on CPU in fp32 its losses equal ours step by step (also with partial
+    checkpointing pinned through --define); a budget variant on CPU reports its error and the next still runs."""
+    out = tmp_path / "results.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "bench_sft_step.py"), "--tiny",
+                          "--steps", "2", "--warmup", "1", "--loss-steps", "4", "--num-workers", "0",
+                          "--define", "ours_pinned=model.checkpoint_blocks=[1,0],optim.fused=true",
+                          "--variants", "reference,ours_budget80,ours_pinned", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    variants = {r["variant"]: r for r in rows if "variant" in r}
+    assert "needs the transformer on a CUDA device" in variants["ours_budget80"]["error"]
+    pinned, ref = variants["ours_pinned"], variants["reference"]
+    assert pinned["overrides"] == {"model.checkpoint_blocks": "[1,0]", "optim.fused": "true"}
+    assert pinned["activation_checkpointing"] == {"mode": "pinned", "checkpointed": [1, 0], "blocks": [2, 2]}
+    assert len(ref["losses"]) == 4 and len(set(ref["losses"])) == 4 and pinned["loss_steps_compared"] == 4
+    assert pinned["loss_max_abs_diff"] < 1e-4 * max(ref["losses"])
+    assert rows[-1]["done_s"] > 0

@@ -1,26 +1,37 @@
 #!/usr/bin/env python
-"""bench_sft_step: SFT training steps at 1024x1024, LoRA r768, gradient checkpointing, batch 1.
+"""bench_sft_step: SFT training steps at 1024x1024, LoRA r768, batch 1: the reference-style loop against ours.
 
-    python scripts/bench/bench_sft_step.py [--size 1024] [--steps 8] [--warmup 2] [--out results.jsonl]
+    python scripts/bench/bench_sft_step.py [--variants reference,ours_eager,ours_budget80] [--size 1024]
+        [--steps 8] [--warmup 2] [--loss-steps 50] [--time-budget 480] [--out results.jsonl]
+        [--define NAME=key=value,key=value ...]
     python scripts/bench/bench_sft_step.py --tiny          # CPU smoke run with the tiny random models
 
 Builds FLUX.2-klein-base-9B at full shape with random bf16 weights on the GPU (benchlib.full_shape_pipeline;
-nothing downloaded), writes a few random 1024x1024 (target, input) pairs in the SFT CSV format, then
-times, in one process on one card with the same data:
+nothing downloaded), writes random 1024x1024 (target, input) pairs in the SFT CSV format, then runs, in one
+process on one card with the same data:
   reference   a plain diffusers + peft loop written like the reference recipe: batch 1, eager, pure
               bf16 (no autocast), peft LoRA r768/alpha 768 on the 144 reference layers, per-block
               gradient checkpointing, torch AdamW (default foreach), images read and encoded (VAE,
-              text encoder) in the training loop
+              text encoder) in the training loop. It visits the samples in the trainer's order and draws
+              each sample's timestep and noise from the trainer's per-sample generator
+              (etchr_sft.objective.sample_generator), with the trainer's loss weight and clipping, and the
+              LoRA starts from the same seed: its losses are comparable step by step with ours.
+  reference_repeat  the reference loop again: the noise floor of the loss comparison (run-to-run bf16
+              kernel nondeterminism, e.g. attention backward atomics).
   ours*       the real trainer, SFT/train_sft.py's train(), on the same in-memory pipeline, with the
-              `model.compile`, `model.attention_backend` and `optim.fused` switches of each variant
+              config overrides of VARIANTS[name] (a dict; --define adds or replaces one), e.g.
+              ours_budget80 = model.activation_budget_gib=76 (the budget of an 80 GB card, emulated on
+              a larger one: the probe plans for 76 GiB of peak, whatever the card has).
 For each: seconds per sample (median over the timed steps; CUDA-synchronised in the reference loop,
 the trainer's own step_time_s for ours), samples/s, ratio vs reference, achieved TFLOP/s (DiT
-forward + backward incl. the checkpoint recomputation, counted once with torch.utils.flop_counter),
-fraction of a bf16 matmul ceiling measured in the same run, peak memory
-(torch.cuda.max_memory_allocated, reset per variant), and the loss of the first step. The ours*
-variants draw the same timestep and noise for the same sample, so their first losses agree up to
-kernel rounding: the fidelity check of compile and the attention kernels (the reference loop draws
-its own, so its loss is not comparable).
+forward + backward incl. the per-block checkpoint recomputation of the reference, counted once with
+torch.utils.flop_counter: a variant that recomputes less does fewer FLOPs, so its TFLOP/s is "reference
+work per second"), fraction of a bf16 matmul ceiling measured in the same run, peak memory
+(torch.cuda.max_memory_allocated, reset per variant), the activation-checkpointing decision of ours
+(blocks checkpointed, predicted and measured peak), and with --loss-steps N the first N losses and their
+max / mean abs difference to the first reference run's (reference_repeat gives the noise floor).
+One JSON line per variant as soon as it finishes; with --time-budget, variants that would start after that
+many seconds are skipped (reported as skipped).
 """
 
 from __future__ import annotations
@@ -42,14 +53,43 @@ from benchlib import REPO, dit_inputs, full_shape_pipeline, make_tiny_models, ma
 
 sys.path.insert(0, str(REPO / "SFT"))
 
-# name -> (model.compile, model.attention_backend, optim.fused); eager variants first (compiling is
-# permanent for the rest of the process).
-VARIANTS = {
-    "ours_eager": (False, "native", False),
-    "ours_fused": (False, "native", True),
-    "ours_compile": (True, "native", True),
-    "ours_compile_attn": (True, "best", True),  # the fastest backend of the --attention probe
+# name -> trainer config overrides (key -> value as on the command line). Eager variants first (compiling is
+# permanent for the rest of the process). "best" as attention backend = the fastest of the --attention probe.
+# Another helper's switch is one line here or one --define away, e.g. ours_fp8 = {"model.fp8": "true", ...}.
+BUDGET80 = {"model.activation_budget_gib": "76"}  # an 80 GB card's budget (76 GiB leaves room for the allocator)
+VARIANTS: dict[str, dict] = {
+    "ours_eager": {},
+    "ours_fused": {"optim.fused": "true"},
+    "ours_budget80": {**BUDGET80, "optim.fused": "true"},
+    "ours_budget_auto": {"model.activation_budget_gib": "auto", "optim.fused": "true"},
+    "ours_nockpt": {"model.gradient_checkpointing": "false", "optim.fused": "true"},
+    "ours_compile": {"model.compile": "true", "optim.fused": "true"},
+    "ours_budget80_compile": {**BUDGET80, "model.compile": "true", "optim.fused": "true"},
+    "ours_budget_auto_compile": {"model.activation_budget_gib": "auto", "model.compile": "true", "optim.fused": "true"},
+    "ours_compile_attn": {"model.compile": "true", "model.attention_backend": "best", "optim.fused": "true"},
 }
+REFERENCES = ("reference", "reference_repeat")
+
+
+def parse_define(text: str) -> tuple[str, dict]:
+    """'NAME=key=value,key=value' -> (NAME, {key: value}); the values as on the trainer's command line."""
+    import re
+
+    name, _, rest = text.partition("=")
+    overrides = {}
+    # split at commas that start the next key=value (a list value such as [1,1] keeps its commas)
+    for item in filter(None, (x.strip() for x in re.split(r",(?=\s*[\w.]+=)", rest))):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--define {text!r}: expected NAME=key=value[,key=value...]")
+        overrides[key] = value
+    if not name or name in REFERENCES:
+        raise ValueError(f"--define {text!r}: needs a variant name other than {REFERENCES}")
+    return name, overrides
+
+
+def is_compiled(overrides: dict) -> bool:
+    return str(overrides.get("model.compile", "false")).lower() == "true"
 
 
 def write_data(root: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -109,52 +149,90 @@ def attention_probe(pipe, size: int, backends: list[str], reps: int = 3) -> dict
     return out
 
 
-def reference_loop(pipe, rows: list[dict], root: Path, args, targets: list[str], flop_counter=None) -> dict:
-    """The plain loop. Returns per-step seconds, first loss and the DiT FLOPs of one step."""
+def total_steps(args) -> int:
+    return max(args.warmup + args.steps, args.loss_steps)
+
+
+def trainer_config(csv_path: Path, run_dir: Path, args, overrides: dict):
+    """The trainer's config for this bench (klein9b_lora_r768.yaml + the bench's keys + `overrides`)."""
+    from etchr_sft.config import load_sft_config
+
+    base = [f"data.csv={csv_path}", f"train.run_dir={run_dir}", f"train.max_steps={total_steps(args)}",
+            "train.log_every=1", "train.checkpoint_every=1000000000", "train.save_final=false",
+            "train.validate_every=0", "train.resume=never", f"lora.rank={args.rank}", f"lora.alpha={args.rank}",
+            f"data.max_pixels={args.size * args.size}", "model.pretrained_path=in-memory",
+            f"data.num_workers={args.num_workers}"]
+    cfg = load_sft_config(str(REPO / "configs" / "sft" / "klein9b_lora_r768.yaml"),
+                          base + [f"{k}={v}" for k, v in overrides.items()])
+    if args.tiny:
+        cfg.model.dtype = "fp32"
+    return cfg
+
+
+def reference_loop(pipe, csv_path: Path, args, targets: list[str], flop_counter=None) -> dict:
+    """The plain loop. Returns per-step seconds, the losses and the DiT FLOPs of one step. Samples, timesteps,
+    noise, loss weights, clipping and the LoRA initialisation follow the trainer's config and generators, so
+    that the losses compare with ours step by step; everything else is the reference's way."""
     import numpy as np
+    from accelerate.utils import set_seed
     from diffusers import Flux2KleinPipeline as P
     from peft import LoraConfig
     from PIL import Image
 
+    from etchr_sft.data import bucket_key, make_batches, read_csv
+    from etchr_sft.objective import lookup, make_schedule, noisy_input, sample_generator, weighted_mse
+
+    cfg = trainer_config(csv_path, Path(tempfile.mkdtemp()), args, {})
+    rows = read_csv(cfg.data.csv, cfg.data.base_path)
+    keys = [bucket_key(r, cfg.data.max_pixels, cfg.data.multiple_of, cfg.data.reference_resize) for r in rows]
+    schedule = make_schedule()
+    seed = cfg.train.seed
     device = pipe.transformer.device
     dtype = pipe.transformer.dtype
     t = pipe.transformer
     t.requires_grad_(False)
+    set_seed(seed)  # the trainer's LoRA initialisation
     t.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=targets, init_lora_weights="gaussian"),
                   adapter_name="reference")
     t.enable_gradient_checkpointing()
     t.train()
     params = [p for p in t.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(42)
-    times, first_loss, flops = [], None, None
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    times, losses, flops, orders = [], [], None, {}
 
     def load(path: str) -> torch.Tensor:  # PIL -> (1, 3, H, W) in [-1, 1], in the loop like the reference
-        with Image.open(root / path) as im:
+        with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
-    for step in range(args.warmup + args.steps):
-        row = rows[step % len(rows)]
+    for step in range(total_steps(args)):
+        epoch, k = divmod(step, len(rows))
+        if epoch not in orders:
+            orders[epoch] = make_batches(keys, 1, seed, epoch, cfg.data.aspect_buckets)
+        index = orders[epoch][k][0]
+        row = rows[index]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        target, ref_img = load(row["image"]), load(row["edit_image"])
+        target, ref_img = load(row.target), load(row.reference)
         with torch.no_grad():
-            embeds, text_ids = pipe.encode_prompt(prompt=[row["prompt"]], device=device, max_sequence_length=512)
+            embeds, text_ids = pipe.encode_prompt(prompt=[row.prompt], device=device, max_sequence_length=512)
             x0 = pipe._encode_vae_image(target.to(device, pipe.vae.dtype), generator=None)
             ref = pipe._encode_vae_image(ref_img.to(device, pipe.vae.dtype), generator=None)
-        x0_tok, x_ids = P._pack_latents(x0), P._prepare_latent_ids(x0).to(device)
+        x0_tok, x_ids = P._pack_latents(x0.float()), P._prepare_latent_ids(x0).to(device)
         ref_tok, ref_ids = P._pack_latents(ref), P._prepare_image_ids([ref]).to(device)
-        sigma = torch.rand(1, generator=gen).item()
-        eps = torch.randn(x0_tok.shape, generator=gen).to(device, x0_tok.dtype)
-        x_t = (1 - sigma) * x0_tok + sigma * eps
+        g = sample_generator(seed, epoch, index)
+        ti = torch.randint(0, len(schedule.sigmas), (1,), generator=g)
+        eps = torch.randn(x0_tok.shape[1:], generator=g, dtype=torch.float32)[None].to(device)
+        sigma, tt, w = lookup(schedule, ti, cfg.train.timestep_lookup)
+        x_t, v_target = noisy_input(x0_tok, eps, sigma.float().to(device))
 
         def step_fn():
-            out = t(hidden_states=torch.cat([x_t, ref_tok], 1).to(dtype), timestep=torch.full((1,), sigma, device=device, dtype=dtype),
+            out = t(hidden_states=torch.cat([x_t, ref_tok], 1).to(dtype), timestep=tt.to(device, dtype),
                     guidance=None, encoder_hidden_states=embeds.to(dtype), txt_ids=text_ids,
                     img_ids=torch.cat([x_ids, ref_ids], 1), return_dict=False)[0][:, : x_t.shape[1]]
-            loss = torch.nn.functional.mse_loss(out.float(), (eps - x0_tok).float())
+            loss = weighted_mse(out, v_target, w.float().to(device))
             loss.backward()
             return loss
 
@@ -171,45 +249,55 @@ def reference_loop(pipe, rows: list[dict], root: Path, args, targets: list[str],
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
         loss = step_fn()
+        if cfg.optim.grad_clip > 0:  # the trainer's clipping (the reference recipe has none; kept equal for the losses)
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if step == 0:
-            first_loss = float(loss.detach())
+        losses.append(float(loss.detach()))
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     t.unload_lora()  # back to plain Linear layers for the next variant
     t.disable_gradient_checkpointing()
     del opt, params
-    return {"times": times, "first_loss": first_loss, "flops": flops}
+    return {"times": times, "losses": losses, "flops": flops}
 
 
-def ours(pipe, csv_path: Path, run_dir: Path, args, compile_: bool, backend: str, fused: bool) -> dict:
-    """The real trainer on the same pipeline; step times from its metrics.jsonl."""
+def ours(pipe, csv_path: Path, run_dir: Path, args, overrides: dict) -> dict:
+    """The real trainer on the same pipeline; step times and losses from its metrics.jsonl."""
     from accelerate.utils import extract_model_from_parallel
 
     import train_sft
-    from etchr_sft.config import load_sft_config
 
-    overrides = [f"data.csv={csv_path}", f"train.run_dir={run_dir}", f"train.max_steps={args.warmup + args.steps}",
-                 "train.log_every=1", "train.checkpoint_every=1000000000", "train.save_final=false",
-                 "train.validate_every=0", "train.resume=never", f"lora.rank={args.rank}", f"lora.alpha={args.rank}",
-                 f"model.compile={str(compile_).lower()}", f"model.attention_backend={backend}",
-                 f"optim.fused={str(fused).lower()}", f"data.max_pixels={args.size * args.size}",
-                 "model.pretrained_path=in-memory", f"data.num_workers={args.num_workers}"]
-    cfg = load_sft_config(str(REPO / "configs" / "sft" / "klein9b_lora_r768.yaml"), overrides)
-    if args.tiny:
-        cfg.model.dtype = "fp32"
-    out = train_sft.train(cfg, pipe=pipe)
-    t = extract_model_from_parallel(out["transformer"], keep_fp32_wrapper=False)
+    cfg = trainer_config(csv_path, run_dir, args, overrides)
+    try:
+        out = train_sft.train(cfg, pipe=pipe)
+        extract_model_from_parallel(out["transformer"], keep_fp32_wrapper=False)
+    finally:  # also after a failure: the next variant starts from the plain model
+        t = pipe.transformer
+        if getattr(t, "peft_config", None):
+            t.unload_lora()
+        if t.gradient_checkpointing:
+            t.disable_gradient_checkpointing()
+        t.set_attention_backend("native")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "step_time_s" in r]
+    plans = [r["activation_checkpointing"] for r in rows if "activation_checkpointing" in r]
     times = [r["step_time_s"] for r in steps[args.warmup:]]
-    t.unload_lora()
-    t.disable_gradient_checkpointing()
-    t.set_attention_backend("native")
-    return {"times": times, "first_loss": steps[0]["loss"] if steps else None}
+    return {"times": times, "losses": [r["loss"] for r in steps], "activation_checkpointing": plans[-1] if plans else None}
+
+
+def loss_comparison(losses: list, ref: list | None, n: int) -> dict:
+    """First-n losses and their max / mean abs (and max relative) difference to the reference's."""
+    out = {"losses": [round(x, 6) for x in losses[:n]]}
+    if ref:
+        k = min(n, len(losses), len(ref))
+        d = [abs(a - b) for a, b in zip(losses[:k], ref[:k])]
+        out.update({"loss_steps_compared": k, "loss_max_abs_diff": max(d) if d else None,
+                    "loss_mean_abs_diff": sum(d) / k if k else None,
+                    "loss_max_rel_diff": max(x / max(abs(b), 1e-12) for x, b in zip(d, ref[:k])) if d else None})
+    return out
 
 
 def main(argv=None) -> int:
@@ -218,25 +306,39 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=768)
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--loss-steps", type=int, default=0,
+                    help="run at least N steps per variant and report the first N losses vs the reference's")
     ap.add_argument("--num-workers", type=int, default=2, help="the trainer's dataloader workers")
     # Off by default: on H200 + torch 2.11 the cuDNN kernel's backward crashed the process
     # (CUBLAS_STATUS_EXECUTION_FAILED, then an illegal memory access for every later kernel).
     ap.add_argument("--attention", default="",
                     help="backends timed on one forward + backward first; 'attn' variants use the fastest")
-    ap.add_argument("--variants", default="reference,ours_eager,ours_compile",
-                    help=f"comma list from reference,{','.join(VARIANTS)}")
+    ap.add_argument("--variants", default="reference,ours_eager,ours_budget80",
+                    help=f"comma list from {','.join(REFERENCES)},{','.join(VARIANTS)} (and --define names)")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=key=value,...",
+                    help="add (or replace) a variant: trainer config overrides, e.g. "
+                         "ours_fp8=model.fp8=true,model.activation_budget_gib=76")
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="seconds; variants that would start later are skipped (reported); 0 = no limit")
     ap.add_argument("--tiny", action="store_true", help="CPU, fp32, the tiny random models (a smoke run)")
     ap.add_argument("--out", default=None, help="append one JSON object per result")
     a = ap.parse_args(argv)
     if a.tiny:
         a.size, a.rank = min(a.size, 64), min(a.rank, 4)
+    try:
+        for d in a.define:
+            name, overrides = parse_define(d)
+            VARIANTS[name] = overrides
+    except ValueError as exc:
+        ap.error(str(exc))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v != "reference" and v not in VARIANTS]
+    unknown = [v for v in variants if v not in REFERENCES and v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}")
     import diffusers
 
     cuda = torch.cuda.is_available() and not a.tiny
+    start = time.time()
 
     def emit(obj):
         print(json.dumps(obj), flush=True)
@@ -244,10 +346,12 @@ def main(argv=None) -> int:
             with open(a.out, "a") as f:
                 f.write(json.dumps(obj) + "\n")
 
-    emit({"header": {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                     "diffusers": diffusers.__version__, "date": datetime.date.today().isoformat(), "size": a.size,
-                     "lora_rank": a.rank, "steps": a.steps, "warmup": a.warmup, "batch": 1,
-                     "gradient_checkpointing": True, "tiny": a.tiny}})
+    emit({"header": {"bench": "bench_sft_step", "card": torch.cuda.get_device_name() if cuda else "cpu",
+                     "card_total_gib": round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1) if cuda else None,
+                     "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "date": datetime.date.today().isoformat(), "size": a.size, "lora_rank": a.rank, "steps": a.steps,
+                     "warmup": a.warmup, "loss_steps": a.loss_steps, "batch": 1, "tiny": a.tiny,
+                     "variants": {v: VARIANTS.get(v, "reference loop") for v in variants}}})
     ceiling = matmul_ceiling() if cuda else None
     if ceiling:
         emit({"matmul_ceiling_tflops": round(ceiling, 1)})
@@ -265,9 +369,8 @@ def main(argv=None) -> int:
             m.requires_grad_(False)
     emit({"built_s": round(time.time() - t0, 1),
           "transformer_params": sum(p.numel() for p in pipe.transformer.parameters())})
-    csv_path = write_data(work / "data", max(4, a.warmup + a.steps), a.size)
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+    # enough distinct samples for one epoch of the timed steps (capped: more steps cycle epochs, as the trainer)
+    csv_path = write_data(work / "data", max(4, min(total_steps(a), 24)), a.size)
     from etchr_sft.config import REFERENCE_LORA_TARGETS
     from etchr_sft.model import lora_target_names
 
@@ -285,30 +388,44 @@ def main(argv=None) -> int:
 
     flops = None
     base = None  # reference seconds per sample
+    ref_losses = None
     compiled = False
+    n_loss = a.loss_steps or 1
     for name in variants:
+        elapsed = time.time() - start
+        if a.time_budget and elapsed > a.time_budget:
+            emit({"variant": name, "error": f"skipped: {elapsed:.0f} s elapsed > --time-budget {a.time_budget:g}"})
+            continue
         free_memory()
         try:
-            if name == "reference":
+            overrides = {}
+            if name in REFERENCES:
                 from torch.utils.flop_counter import FlopCounterMode
 
-                res = reference_loop(pipe, rows, csv_path.parent, a, targets, FlopCounterMode(display=False))
-                flops = res["flops"]
+                res = reference_loop(pipe, csv_path, a, targets, FlopCounterMode(display=False) if flops is None else None)
+                flops = flops or res["flops"]
             else:
-                compile_, backend, fused = VARIANTS[name]
-                backend = best if backend == "best" else backend
-                if compiled and not compile_:
+                overrides = {k: (best if k == "model.attention_backend" and v == "best" else v)
+                             for k, v in VARIANTS[name].items()}
+                if compiled and not is_compiled(overrides):
                     raise RuntimeError("eager variants must come before compiled ones")
-                if compile_:
+                if is_compiled(overrides):
                     torch._dynamo.reset()  # a fresh graph for this variant's kernels
-                compiled = compiled or compile_
-                res = ours(pipe, csv_path, work / f"run_{name}", a, compile_, backend, fused)
+                compiled = compiled or is_compiled(overrides)
+                res = ours(pipe, csv_path, work / f"run_{name}", a, overrides)
             sec = statistics.median(res["times"])
             base = sec if name == "reference" else base
-            row = {"variant": name, "attention_backend": "native" if name == "reference" else backend,
+            row = {"variant": name, "overrides": overrides,
                    "seconds_per_sample": round(sec, 4), "samples_per_s": round(1 / sec, 4),
                    "ratio_vs_reference": round(base / sec, 3) if base else None, "peak_mem_gib": peak_gib(),
-                   "first_loss": res["first_loss"], "times": [round(x, 4) for x in res["times"]]}
+                   "first_loss": res["losses"][0] if res["losses"] else None,
+                   "times": [round(x, 4) for x in res["times"]], "elapsed_s": round(time.time() - start, 1)}
+            if res.get("activation_checkpointing") is not None:
+                row["activation_checkpointing"] = res["activation_checkpointing"]
+            if a.loss_steps:
+                row.update(loss_comparison(res["losses"], ref_losses, n_loss))
+            if name == "reference":
+                ref_losses = res["losses"]
             if flops:
                 row["tflops"] = round(flops / sec / 1e12, 1)
                 row["dit_train_tflop_per_sample"] = round(flops / 1e12, 1)
@@ -320,6 +437,7 @@ def main(argv=None) -> int:
 
             traceback.print_exc()
             emit({"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+    emit({"done_s": round(time.time() - start, 1)})
     return 0
 
 
