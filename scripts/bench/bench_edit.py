@@ -247,9 +247,13 @@ def counters_delta(before: dict, after: dict) -> dict:
 def start_child(a) -> int:
     from etchr_eval.editor import compile_counters
 
+    def stage(name, **kw):  # progress lines: a start stopped at its time limit still says how far it got
+        print(json.dumps({"stage": name, "at_s": round(time.time() - t0, 2), **kw}), flush=True)
+
     t0 = time.time()
     pipe, device, what = build(a)
     built_s = time.time() - t0
+    stage("built", built_s=round(built_s, 2))
     opts = parse_variant(a.variants, compile_cache=a.compile_cache)
     if opts.quantize == "fp8":
         from etchr_eval.editor import check_fp8
@@ -258,18 +262,23 @@ def start_child(a) -> int:
     item = inputs(a)[0]
     edit = make_edit(pipe, device, a)
     quantize_s, apply_s = apply_timed(pipe, opts)
+    stage("options_applied", quantize_s=round(quantize_s, 2), apply_s=round(apply_s, 2))
     times = []
-    for _ in range(2):  # the first edit pays the compile (or the cache load); the second is steady
+    for k in range(2):  # the first edit pays the compile (or the cache load); the second is steady
         sync(device)
         s0 = time.time()
-        edit(item, a.steps)
+        lat = edit(item, a.steps)
         sync(device)
         times.append(time.time() - s0)
+        stage(f"edit_{k + 1}", edit_s=round(times[-1], 3))
+    lat = lat.double()
     print(json.dumps({"start_child": a.variants, "editor": what, "built_s": round(built_s, 2),
                       "quantize_s": round(quantize_s, 2), "apply_s": round(apply_s, 2),
                       "first_edit_s": round(times[0], 3), "steady_edit_s": round(times[1], 3),
                       "warmup_s": round(apply_s + times[0] - times[1], 2), "compile": compile_counters(),
-                      "compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}), flush=True)
+                      "compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                      # cold and warm starts must give the same edit (the same kernels, loaded instead of built)
+                      "latent_sum": float(lat.sum()), "latent_norm": float(lat.norm())}), flush=True)
     return 0
 
 
@@ -285,10 +294,17 @@ def second_start(a, emit) -> int:
         for start in ("cold", "warm"):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--start-child", "--variants", variant,
                    "--compile-cache", cache, *passthrough]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.child_timeout)
-            rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"start_child"')]
-            if proc.returncode != 0 or not rows:
-                emit({"variant": variant, "start": start, "error": f"exit {proc.returncode}: {proc.stderr[-600:]}"})
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.child_timeout)
+                stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as exc:  # keep how far it got
+                as_text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+                stdout, stderr, rc = as_text(exc.stdout), f"timed out after {a.child_timeout:.0f} s", None
+            rows = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"start_child"')]
+            if rc != 0 or not rows:
+                progress = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"stage"')]
+                emit({"variant": variant, "start": start, "progress": progress,
+                      "error": f"exit {rc}: {stderr[-600:]}"})
                 break
             starts[start] = rows[-1]
             emit({"variant": variant, "start": start, **rows[-1]})
@@ -297,6 +313,8 @@ def second_start(a, emit) -> int:
                 "cold_warmup_s": starts["cold"]["warmup_s"], "warm_warmup_s": starts["warm"]["warmup_s"],
                 "warm_fxgraph_cache_hit": starts["warm"]["compile"]["fxgraph_cache_hit"],
                 "warm_fxgraph_cache_miss": starts["warm"]["compile"]["fxgraph_cache_miss"],
+                "same_edit": starts["cold"]["latent_norm"] == starts["warm"]["latent_norm"]
+                and starts["cold"]["latent_sum"] == starts["warm"]["latent_sum"],
                 "compile_cache_dir": cache}})
     return 0
 
