@@ -141,3 +141,27 @@ def test_budget_mode_refuses_on_cpu_and_pinned_blocks_apply(tiny):
     assert configure_checkpointing(t, cfg, batch=1, image_tokens=32, text_tokens=8,
                                    optimizer_state_bytes=0)["checkpointed"] == [0, 0]
     assert not t.gradient_checkpointing
+
+
+def test_bench_rl_group_tiny_partial_checkpointing_variant(tiny_models, tmp_path):
+    """bench_rl_group --define: a pinned partial-checkpointing variant trains like the reference (fp32); a
+    budget variant on CPU reports the refusal and the bench goes on."""
+    import json
+    import os
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(RL_DIR.parent / "scripts" / "bench" / "bench_rl_group.py"), "--tiny",
+                          "--tiny-models", str(tiny_models.root), "--group", "2", "--steps", "2",
+                          "--trained-steps", "1", "--grad-accum", "2", "--micro-batch", "2", "--rollout-chunk", "1",
+                          "--latency", "0.1", "--variants", "reference,ours_budget80,ours_pinned",
+                          "--define", "ours_pinned=model.checkpoint_blocks=[1,0]"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"),
+                         cwd=RL_DIR.parent)
+    rows = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    variants = {r["variant"]: r for r in rows if "variant" in r}
+    assert res.returncode == 1 and rows[-1]["failed_variants"] == 1, res.stderr[-3000:]
+    assert "needs the transformer on a CUDA device" in variants["ours_budget80"]["error"]
+    pinned = variants["ours_pinned"]
+    assert pinned["activation_checkpointing"] == {"mode": "pinned", "checkpointed": [1, 0], "blocks": [2, 2]}
+    assert pinned["overrides"] == {"model.checkpoint_blocks": "[1,0]"}
+    assert pinned["grad_rel_err"] < 1e-4 and pinned["logp_max_abs_diff"] < 1e-4

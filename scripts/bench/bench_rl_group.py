@@ -22,6 +22,13 @@ is permanent for the rest of the process):
   ours_attn     as ours_eager with model.attention_backend=--attention-backend.
   ours_compile  as ours_eager with model.compile=true (regional torch.compile).
   ours_full     all switches: micro-batches, rollout chunks, --attention-backend and compile.
+  ours_budget80 as ours_eager with model.activation_budget_gib=76 (issue #17: only as many blocks checkpointed
+                as an 80 GB card's budget needs, planned by the trainer's probe at the training micro-batch's
+                shape; emulated on a larger card); ours_budget_auto (0.9 of this card), ours_budget80_compile,
+                ours_full_budget80 (all switches + the budget). --define NAME=key=value,... adds a variant with
+                any RL config overrides (e.g. model.fp8=true), micro-batched, compiled if model.compile=true.
+  Every ours_* variant chooses its checkpointed blocks with etchr_rl.model.configure_checkpointing, as
+  train_grpo.py does (default: all, as the reference); the row's activation_checkpointing says what it chose.
 Default: reference,ours_full (about 6 minutes on an H100; each further variant adds 1.5-2 minutes).
 Before the variants, an attention probe times a few rollout forwards (batch --rollout-chunk) and training
 forward + backward passes (batch --micro-batch) with native attention and with --attention-backend; if the
@@ -63,13 +70,38 @@ from benchlib import (REPO, StubEndpoint, full_shape_pipeline, load_script, make
 
 sys.path.insert(0, str(REPO / "RL"))
 
-VARIANTS = {  # name -> (micro-batched training, attention backend from the flag, compile)
-    "ours_batch": (False, False, False),
-    "ours_eager": (True, False, False),
-    "ours_attn": (True, True, False),
-    "ours_compile": (True, False, True),
-    "ours_full": (True, True, True),
+# name -> micro (micro-batched training), attn (the --attention-backend), compile, overrides (further RL config
+# keys as on the command line: another switch is one entry here or one --define away, e.g. ours_fp8).
+BUDGET80 = {"model.activation_budget_gib": "76"}  # an 80 GB card's budget, emulated on a larger one
+VARIANTS: dict[str, dict] = {
+    "ours_batch": {"micro": False},
+    "ours_eager": {"micro": True},
+    "ours_attn": {"micro": True, "attn": True},
+    "ours_compile": {"micro": True, "compile": True},
+    "ours_full": {"micro": True, "attn": True, "compile": True},
+    "ours_budget80": {"micro": True, "overrides": BUDGET80},
+    "ours_budget_auto": {"micro": True, "overrides": {"model.activation_budget_gib": "auto"}},
+    "ours_budget80_compile": {"micro": True, "compile": True, "overrides": BUDGET80},
+    "ours_full_budget80": {"micro": True, "attn": True, "compile": True, "overrides": BUDGET80},
 }
+
+
+def parse_define(text: str) -> tuple[str, dict]:
+    """'NAME=key=value,key=value' -> (NAME, variant): micro-batched, the config overrides given (model.compile=true
+    in them compiles; a list value such as [1,1] keeps its commas)."""
+    import re
+
+    name, _, rest = text.partition("=")
+    overrides = {}
+    for item in filter(None, (x.strip() for x in re.split(r",(?=\s*[\w.]+=)", rest))):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--define {text!r}: expected NAME=key=value[,key=value...]")
+        overrides[key] = value
+    if not name or name == "reference":
+        raise ValueError(f"--define {text!r}: needs a variant name other than reference")
+    compile_ = str(overrides.pop("model.compile", "false")).lower() == "true"
+    return name, {"micro": True, "compile": compile_, "overrides": overrides}
 
 
 # ---------------------------------------------------------------------------------------------- the bench
@@ -86,7 +118,7 @@ class Bench:
 
     # ---- setup
     def config(self, *, micro: int = 1, chunk: int = 0, backend: str = "native", compile: bool = False,
-               steps: int | None = None):
+               steps: int | None = None, overrides: dict | None = None):
         from etchr_rl.config import load_rl_config
 
         a = self.a
@@ -99,7 +131,9 @@ class Bench:
             f"data.size={a.size}", f"sampling.group_size={a.group}", f"sampling.steps={S}",
             f"sampling.timestep_fraction={fraction}", f"sampling.rollout_chunk={chunk}",
             f"train.grad_accum={a.grad_accum}", f"train.micro_batch={micro}", f"judge.endpoints=[{self.stub.url}]",
-            "judge.model=stub", "judge.max_retries=0", "judge.timeout_s=120"])
+            "judge.model=stub", "judge.max_retries=0", "judge.timeout_s=120",
+            f"model.activation_reference_pixels={a.size * a.size}",  # the bench's source image: the largest fed
+            *[f"{k}={v}" for k, v in (overrides or {}).items()]])
 
     def setup(self):
         from PIL import Image
@@ -154,7 +188,7 @@ class Bench:
         self.adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).clamp(-5, 5)
         self.count_flops()
         self.backend_error = None
-        if a.attention_backend != "native" and any(VARIANTS.get(v, (0, 0, 0))[1] for v in a.variant_list):
+        if a.attention_backend != "native" and any(VARIANTS.get(v, {}).get("attn") for v in a.variant_list):
             self.probe_attention()
 
     def set_backend(self, backend: str):
@@ -366,19 +400,42 @@ class Bench:
     # ---- one variant
     def run(self, name: str) -> dict:
         a = self.a
+        overrides: dict = {}
         if name == "reference":
             micro, chunk, backend, compile = 1, 0, "native", False
         elif name in VARIANTS:
-            mb, attn, compile = VARIANTS[name]
+            spec = VARIANTS[name]
+            mb, attn, compile = spec.get("micro", True), spec.get("attn", False), spec.get("compile", False)
+            overrides = dict(spec.get("overrides", {}))
             micro, chunk = (a.micro_batch if mb else 1), a.rollout_chunk
             backend = a.attention_backend if attn and self.backend_error is None else "native"
         else:
             raise ValueError(f"unknown variant {name!r}; choose from reference, {', '.join(VARIANTS)}")
         if self.compiled and not compile:
             raise RuntimeError("eager variants must come before compiled ones (compilation is permanent)")
-        cfg = self.config(micro=micro, chunk=chunk, backend=backend, compile=compile)
-        warm_cfg = self.config(micro=micro, chunk=chunk, backend=backend, compile=compile, steps=2)
+        cfg = self.config(micro=micro, chunk=chunk, backend=backend, compile=compile, overrides=overrides)
+        warm_cfg = self.config(micro=micro, chunk=chunk, backend=backend, compile=compile, steps=2, overrides=overrides)
         self.reset_lora()
+        try:
+            return self._run(name, cfg, warm_cfg, micro, chunk, backend, compile, overrides)
+        finally:  # the next variant starts from per-block checkpointing (the reference's and the RL default)
+            from etchr_rl.model import block_counts, set_checkpointed_blocks
+
+            set_checkpointed_blocks(self.transformer, *block_counts(self.transformer))
+            self.reset_lora()
+
+    def _run(self, name, cfg, warm_cfg, micro, chunk, backend, compile, overrides) -> dict:
+        a = self.a
+        ckpt = None
+        if name != "reference":  # the trainer's own choice of checkpointed blocks (train_grpo.py does the same)
+            from etchr_rl.model import adamw_state_bytes, configure_checkpointing, planning_image_tokens
+
+            ckpt = configure_checkpointing(
+                self.transformer, cfg.model, batch=micro, text_tokens=cfg.model.max_sequence_length,
+                image_tokens=planning_image_tokens(cfg.data.resize, cfg.data.max_area, cfg.data.size,
+                                                   cfg.model.activation_reference_pixels),
+                optimizer_state_bytes=adamw_state_bytes(self.params))
+            self.reset_lora()
         self.set_backend(backend)
         if compile and not self.compiled:
             from etchr_rl.model import apply_speed_options
@@ -423,7 +480,8 @@ class Bench:
         row = {"variant": name, "seconds": round(seconds, 3), "rollout_s": round(rollout_s, 3),
                "reward_s": round(reward_s, 3), "train_s": round(train_s, 3), "gpu_seconds": round(gpu_s, 3),
                "warmup_s": round(warm_s, 1), "micro_batch": micro, "micro_batch_sizes": sizes,
-               "rollout_chunk": chunk, "attention_backend": backend, "compile": compile,
+               "rollout_chunk": chunk, "attention_backend": backend, "compile": compile, "overrides": overrides,
+               "activation_checkpointing": ckpt,
                "tflops": round(flops / gpu_s / 1e12, 2),
                "fraction_of_ceiling": round(flops / gpu_s / 1e12 / self.ceiling, 3) if self.ceiling else None,
                "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if self.cuda else None,
@@ -447,7 +505,7 @@ class Bench:
             row["last_state_rel_err"] = float((last - ref_last).norm() / ref_last.norm())
             row["grad_rel_err"] = _rel(record["grads"][0], ref["grad"])
             row["lora_update_rel_err"] = _rel(record["update"], ref["update"])
-        if name in VARIANTS and VARIANTS[name][1] and self.backend_error is not None:
+        if name in VARIANTS and VARIANTS[name].get("attn") and self.backend_error is not None:
             row["attention_backend_fallback"] = f"{a.attention_backend} failed in the probe: {self.backend_error}"
         if compile:
             from torch._dynamo.utils import counters
@@ -493,6 +551,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rollout-chunk", type=int, default=4, help="sampling.rollout_chunk of the ours_* variants")
     # native: on H200 + torch 2.11 the cuDNN kernel's backward crashed the process (docs/PERFORMANCE.md)
     ap.add_argument("--attention-backend", default="native", help="model.attention_backend of ours_attn/compile")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=key=value,...",
+                    help="add (or replace) a micro-batched variant with RL config overrides, e.g. "
+                         "ours_fp8=model.fp8=true,model.activation_budget_gib=76 (model.compile=true compiles)")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="seconds; variants that would start later are skipped (reported), not run")
     ap.add_argument("--tiny", action="store_true", help="the tiny twin on CPU in fp32 (smoke test)")
@@ -508,6 +569,12 @@ def main(argv=None) -> int:
         ap.error("no CUDA device: run on a GPU, or pass --tiny for the CPU smoke test")
     if a.group % a.grad_accum or not 1 <= a.trained_steps <= a.steps - 1:
         ap.error("--group must be a multiple of --grad-accum and 1 <= --trained-steps <= --steps - 1")
+    try:
+        for d in a.define:
+            name, spec = parse_define(d)
+            VARIANTS[name] = spec
+    except ValueError as exc:
+        ap.error(str(exc))
     variants = a.variant_list = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v != "reference" and v not in VARIANTS]
     if unknown:
