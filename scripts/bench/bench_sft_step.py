@@ -229,7 +229,8 @@ def reference_loop(pipe, csv_path: Path, args, targets: list[str], flop_counter=
         x_t, v_target = noisy_input(x0_tok, eps, sigma.float().to(device))
 
         def step_fn():
-            out = t(hidden_states=torch.cat([x_t, ref_tok], 1).to(dtype), timestep=tt.to(device, dtype),
+            # the timestep rounded as the trainer does it (float64 -> float32 -> model dtype)
+            out = t(hidden_states=torch.cat([x_t, ref_tok], 1).to(dtype), timestep=tt.float().to(device).to(dtype),
                     guidance=None, encoder_hidden_states=embeds.to(dtype), txt_ids=text_ids,
                     img_ids=torch.cat([x_ids, ref_ids], 1), return_dict=False)[0][:, : x_t.shape[1]]
             loss = weighted_mse(out, v_target, w.float().to(device))
