@@ -226,7 +226,8 @@ def _train(cfg) -> dict:
     metrics = runtime.MetricsWriter(run_dir, wandb_enabled=cfg.wandb, wandb_project=cfg.wandb_project,
                                     config=to_container(cfg), resume_step=position.step)  # rows past it: superseded
     bar = runtime.progress(total=cfg.train.max_steps, desc="grpo", unit="step", initial=position.step)
-    metrics.log({"activation_checkpointing": ckpt}, step=position.step)
+    if ckpt["mode"] in ("budget", "pinned"):  # the default modes add no row (metrics.jsonl stays one row per log)
+        metrics.log({"activation_checkpointing": ckpt}, step=position.step)
 
     # ================================================================ loop
     t_start, timed_out = time.time(), False
