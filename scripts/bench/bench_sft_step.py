@@ -67,6 +67,11 @@ VARIANTS: dict[str, dict] = {
     "ours_budget80_compile": {**BUDGET80, "model.compile": "true", "optim.fused": "true"},
     "ours_budget_auto_compile": {"model.activation_budget_gib": "auto", "model.compile": "true", "optim.fused": "true"},
     "ours_compile_attn": {"model.compile": "true", "model.attention_backend": "best", "optim.fused": "true"},
+    # model.fp8 (torchao float8 for the frozen LoRA base layers; refused without torchao / an fp8 GPU)
+    "ours_fp8": {"model.fp8": "float8_rowwise", "optim.fused": "true"},
+    "ours_fp8_tensorwise": {"model.fp8": "float8_tensorwise", "optim.fused": "true"},
+    "ours_fp8_budget80": {**BUDGET80, "model.fp8": "float8_rowwise", "optim.fused": "true"},
+    "ours_fp8_compile": {"model.fp8": "float8_rowwise", "model.compile": "true", "optim.fused": "true"},
 }
 # data.precomputed_dir=@precompute: run SFT/precompute.py on the bench's data with the in-memory pipeline first
 # (its batched cost is reported), then train from those files with the encoders parked on the CPU.
@@ -299,6 +304,9 @@ def ours(pipe, csv_path: Path, run_dir: Path, args, overrides: dict) -> dict:
         extract_model_from_parallel(out["transformer"], keep_fp32_wrapper=False)
     finally:  # also after a failure: the next variant starts from the plain model
         t = pipe.transformer
+        from etchr_sft.fp8 import undo_fp8
+
+        undo_fp8(t)  # model.fp8's float8 base layers back to plain Linear (unload_lora would keep them)
         if getattr(t, "peft_config", None):
             t.unload_lora()
         if t.gradient_checkpointing:
