@@ -26,7 +26,10 @@ is permanent for the rest of the process):
                 as an 80 GB card's budget needs, planned by the trainer's probe at the training micro-batch's
                 shape; emulated on a larger card); ours_budget_auto (0.9 of this card), ours_budget80_compile,
                 ours_full_budget80 (all switches + the budget). --define NAME=key=value,... adds a variant with
-                any RL config overrides (e.g. model.fp8=true), micro-batched, compiled if model.compile=true.
+                any RL config overrides, micro-batched, compiled if model.compile=true.
+  ours_fp8      as ours_eager with model.fp8=float8_rowwise (torchao float8 matmuls in the frozen LoRA base
+                layers, rollout and training; converted for the variant, plain Linear again after it);
+                ours_fp8_full: all switches + fp8.
   Every ours_* variant chooses its checkpointed blocks with etchr_rl.model.configure_checkpointing, as
   train_grpo.py does (default: all, as the reference); the row's activation_checkpointing says what it chose.
 Default: reference,ours_full (about 6 minutes on an H100; each further variant adds 1.5-2 minutes).
@@ -83,6 +86,9 @@ VARIANTS: dict[str, dict] = {
     "ours_budget_auto": {"micro": True, "overrides": {"model.activation_budget_gib": "auto"}},
     "ours_budget80_compile": {"micro": True, "compile": True, "overrides": BUDGET80},
     "ours_full_budget80": {"micro": True, "attn": True, "compile": True, "overrides": BUDGET80},
+    # model.fp8: torchao float8 for the frozen LoRA base layers, rollouts and training (refused without an fp8 GPU)
+    "ours_fp8": {"micro": True, "overrides": {"model.fp8": "float8_rowwise"}},
+    "ours_fp8_full": {"micro": True, "attn": True, "compile": True, "overrides": {"model.fp8": "float8_rowwise"}},
 }
 
 
@@ -419,8 +425,10 @@ class Bench:
         try:
             return self._run(name, cfg, warm_cfg, micro, chunk, backend, compile, overrides)
         finally:  # the next variant starts from per-block checkpointing (the reference's and the RL default)
+            from etchr_rl.fp8 import undo_fp8
             from etchr_rl.model import block_counts, set_checkpointed_blocks
 
+            undo_fp8(self.transformer)  # model.fp8's float8 base layers back to plain Linear
             set_checkpointed_blocks(self.transformer, *block_counts(self.transformer))
             self.reset_lora()
 
@@ -437,6 +445,10 @@ class Bench:
                 optimizer_state_bytes=adamw_state_bytes(self.params))
             self.reset_lora()
         self.set_backend(backend)
+        if cfg.model.fp8 != "none":  # for this variant only: run() puts plain Linear layers back afterwards
+            from etchr_rl.fp8 import apply_fp8
+
+            apply_fp8(self.transformer, cfg.model.fp8)
         if compile and not self.compiled:
             from etchr_rl.model import apply_speed_options
 
