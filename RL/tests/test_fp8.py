@@ -87,3 +87,24 @@ def test_entry_point_refuses_where_fp8_cannot_run(tiny_models, tmp_path, mode):
 def test_entry_point_rejects_unknown_mode(tiny_models, tmp_path):
     res = _run(tiny_models, tmp_path, "model.fp8=int8")
     assert res.returncode == 2 and "model.fp8='int8'" in res.stderr, res.stderr[-2000:]
+
+
+def test_undo_restores_plain_linear_layers_with_the_same_weights():
+    """undo_fp8 (bench_rl_group's fp8 variants): every layer named Float8Linear becomes a plain Linear holding
+    the same Parameters (torchao's class stood in for by a Linear subclass of that name)."""
+    from etchr_rl.fp8 import undo_fp8
+
+    class Float8Linear(torch.nn.Linear):
+        pass
+
+    t, _ = _tiny_transformer_with_lora()
+    names = fp8_layer_names(t)
+    before = {n: t.get_submodule(n).weight for n in names}
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        old = t.get_submodule(n)
+        new = Float8Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+        new.weight, new.bias = old.weight, old.bias
+        setattr(t.get_submodule(parent), child, new)
+    assert undo_fp8(t) == len(names) and undo_fp8(t) == 0
+    assert all(type(t.get_submodule(n)) is torch.nn.Linear and t.get_submodule(n).weight is before[n] for n in names)
