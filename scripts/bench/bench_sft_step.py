@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO / "SFT"))
 
 # name -> trainer config overrides (key -> value as on the command line). Eager variants first (compiling is
 # permanent for the rest of the process). "best" as attention backend = the fastest of the --attention probe.
-# Another helper's switch is one line here or one --define away, e.g. ours_fp8 = {"model.fp8": "true", ...}.
+# Another helper's switch is one line here or one --define away, e.g. the ours_fp8 entries below.
 BUDGET80 = {"model.activation_budget_gib": "76"}  # an 80 GB card's budget (76 GiB leaves room for the allocator)
 VARIANTS: dict[str, dict] = {
     "ours_eager": {},
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
                     help=f"comma list from {','.join(REFERENCES)},{','.join(VARIANTS)} (and --define names)")
     ap.add_argument("--define", action="append", default=[], metavar="NAME=key=value,...",
                     help="add (or replace) a variant: trainer config overrides, e.g. "
-                         "ours_fp8=model.fp8=true,model.activation_budget_gib=76")
+                         "ours_fp8x=model.fp8=float8_rowwise,model.activation_budget_gib=76")
     ap.add_argument("--time-budget", type=float, default=0.0,
                     help="seconds; variants that would start later are skipped (reported); 0 = no limit")
     ap.add_argument("--tiny", action="store_true", help="CPU, fp32, the tiny random models (a smoke run)")
