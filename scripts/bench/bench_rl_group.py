@@ -565,7 +565,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backend", default="native", help="model.attention_backend of ours_attn/compile")
     ap.add_argument("--define", action="append", default=[], metavar="NAME=key=value,...",
                     help="add (or replace) a micro-batched variant with RL config overrides, e.g. "
-                         "ours_fp8=model.fp8=true,model.activation_budget_gib=76 (model.compile=true compiles)")
+                         "ours_fp8x=model.fp8=float8_rowwise,model.activation_budget_gib=76 (model.compile=true compiles)")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="seconds; variants that would start later are skipped (reported), not run")
     ap.add_argument("--tiny", action="store_true", help="the tiny twin on CPU in fp32 (smoke test)")
