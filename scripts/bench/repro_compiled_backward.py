@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=768, help="LoRA rank (alpha = rank, as the reference)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (CPU test: aot_eager)")
     ap.add_argument("--tiny", action="store_true", help="the tiny twin's widths on the CPU (tests)")
-    ap.add_argument("--budget-s", type=float, default=320.0, help="start no case after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=320.0, help="start no case after this many seconds (0 = no limit)")
     ap.add_argument("--case-timeout-s", type=float, default=150.0)
     ap.add_argument("--out", default="", help="also append the JSON lines to this file")
     ap.add_argument("--keep-code", default="", help="TORCHINDUCTOR_CACHE_DIR for the cases (default: a temp dir)")
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     start = time.time()
     failed = 0
     for case in cases:
-        if time.time() - start > args.budget_s:
+        if args.budget_s > 0 and time.time() - start > args.budget_s:
             rec = {"case": case["name"], "ok": None, "skipped": f"--budget-s {args.budget_s:g} s reached"}
         else:
             rec = _spawn(case, args, code_dir)
