@@ -225,8 +225,9 @@ def _safe_deepspeed_loads(engine) -> None:
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 optimizer states: param_slice_mappings
 
-        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum]
+        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
     except ImportError:  # pragma: no cover - only under DeepSpeed
         pass
     ce = getattr(engine, "checkpoint_engine", None)
@@ -238,7 +239,13 @@ def _safe_deepspeed_loads(engine) -> None:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - the unpickler raises several types
-            raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc)[:300]})") from None
+            try:  # name every global the file needs beyond the allow-list, so a refusal can be reviewed
+                extra = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+                               - {f"{c.__module__}.{c.__qualname__}" for c in allowed})
+            except Exception:  # noqa: BLE001 - an unreadable file: the first message says enough
+                extra = []
+            raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc)[:300]})"
+                                  + (f"; globals outside the allow-list: {extra}" if extra else "")) from None
 
     ce.load = load
 

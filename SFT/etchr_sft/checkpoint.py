@@ -243,8 +243,9 @@ def _safe_deepspeed_loads(engine) -> None:
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 optimizer states: param_slice_mappings
 
-        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum]
+        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
     except ImportError:  # pragma: no cover - only under DeepSpeed
         pass
     ce = getattr(engine, "checkpoint_engine", None)

@@ -4,6 +4,8 @@ LoRA header / meta.json cross-check, one live trainer per run dir, workers die w
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import json
 import os
 import shutil
@@ -137,6 +139,7 @@ def test_deepspeed_engine_loads_become_weights_only(tmp_path):
     ce_mod = pytest.importorskip("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine")
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     engine = SimpleNamespace(checkpoint_engine=ce_mod.TorchCheckpointEngine())
     checkpoint._safe_deepspeed_loads(engine)
@@ -144,14 +147,19 @@ def test_deepspeed_engine_loads_become_weights_only(tmp_path):
             "zero_stage": ZeroStageEnum.gradients, "param_shapes": [{"w": torch.Size([3, 4])}],
             "base_optimizer_state": {"state": {0: {"exp_avg": torch.ones(3)}},
                                      "param_groups": [{"betas": (0.9, 0.99)}]},
-            "sparse_tensor_module_names": set(), "ds_version": "0.19"}
+            "sparse_tensor_module_names": set(), "ds_version": "0.19",
+            # ZeRO-1/2 optimizer states map each parameter to its slice (the H200 ZeRO-2 resume refused these
+            # before fragment_address joined the allow-list: docs/PERFORMANCE.md)
+            "param_slice_mappings": [OrderedDict(w=fragment_address(numel=12, start=0))]}
     engine.checkpoint_engine.save(good, str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     out = engine.checkpoint_engine.load(str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), map_location="cpu")
     assert out["loss_scaler"].cur_scale == 2 ** 16 and out["zero_stage"] == ZeroStageEnum.gradients
     assert torch.equal(out["base_optimizer_state"]["state"][0]["exp_avg"], torch.ones(3))
+    assert out["param_slice_mappings"][0]["w"] == fragment_address(numel=12, start=0)
     marker, bad = tmp_path / "PWNED", tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload(marker)}, bad)
-    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: refused to load"):
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: refused to load.*globals outside the "
+                                              "allow-list: .*system"):
         engine.checkpoint_engine.load(str(bad))
     assert not marker.exists()
 
