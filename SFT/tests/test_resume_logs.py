@@ -31,7 +31,12 @@ def trainer_cmd(tiny_models, csv, run_dir) -> list[str]:
 
 
 def env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", WANDB_SILENT="true")
+    """Each attempt starts its own wandb service, as a rerun on a cluster does: WANDB_SERVICE (set in this
+    process by any in-process wandb run) would attach both attempts to one service, which still holds the
+    killed attempt's run and refuses the resume with "run ID ... is in use"."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", WANDB_SILENT="true")
+    e.pop("WANDB_SERVICE", None)
+    return e
 
 
 def newest_checkpoint_dir_step(run_dir: Path) -> int:

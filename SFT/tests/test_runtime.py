@@ -47,8 +47,13 @@ def test_progress_shows_rate_and_eta(capsys):
 def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    with runtime.MetricsWriter(tmp_path, wandb_enabled=True, wandb_project="t", config={"a": 1}) as m:
-        m.log({"loss": 1.0}, step=1)
+    try:
+        with runtime.MetricsWriter(tmp_path, wandb_enabled=True, wandb_project="t", config={"a": 1}) as m:
+            m.log({"loss": 1.0}, step=1)
+    finally:  # stop this process's wandb service; its WANDB_SERVICE would be inherited by later subprocesses
+        import wandb
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     assert runtime.read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 1.0
 
