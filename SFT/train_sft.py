@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from etchr_sft import runtime  # noqa: E402
 from etchr_sft.checkpoint import (CheckpointError, export_fsdp, finalize, latest_checkpoint,  # noqa: E402
                                   load_training_state, meta, repair_checkpoints, save_training_state, step_dir)
-from etchr_sft.config import ConfigError, load_sft_config, save_config, split_cli, to_container  # noqa: E402
+from etchr_sft.config import (ConfigError, check_compiled_backward, load_sft_config, save_config,  # noqa: E402
+                              split_cli, to_container)
 from etchr_sft.data import BatchDataset, DataError, bucket_key, make_batches, read_csv, shard  # noqa: E402
 from etchr_sft.fp8 import apply_fp8, check_fp8  # noqa: E402
 from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
@@ -101,6 +102,7 @@ def _train(cfg, pipe=None) -> dict:
     cuda = torch.cuda.is_available()
     _check_sharding_backend(cuda, cfg)
     check_fp8(cfg.model.fp8, lora_enabled=cfg.lora.enabled)  # no torchao / CUDA / fp8 GPU: stop before loading
+    check_compiled_backward(cfg.model, "cuda" if cuda else "cpu")  # wrong gradients measured on CUDA
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not cuda,
                               mixed_precision=cfg.train.mixed_precision if cuda else "no")
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -36,6 +36,7 @@ def test_one_tiny_compiled_case_reports_a_json_line(tmp_path):
     assert case["tokens"] == 512 + 2 * (64 // 16) ** 2  # the tiny run scales the 512^2 edit's side by 1/8
     assert case["grads"] > 0 and case["grad_max_abs"] > 0  # LoRA B is non-zero: every LoRA weight has a gradient
     assert case["grad_rel_diff"] < 1e-5 and case["loss_rel_diff"] < 1e-6  # aot_eager computes what eager does
+    assert case["grad_rtol"] == 0.05  # the default verdict tolerance reached the child
     assert summary == {**summary, "summary": True, "cases": 1, "failed": 0}
     assert [json.loads(x) for x in out.read_text().splitlines()] == [case]
 
@@ -43,10 +44,20 @@ def test_one_tiny_compiled_case_reports_a_json_line(tmp_path):
 def test_a_failing_case_is_recorded_not_raised():
     mod = _module()
     case = {**mod.all_cases()["compile_ckpt_512"], "inductor": {"no_such_option": True}}
-    args = argparse.Namespace(tiny=True, double=1, single=1, rank=4, backend="aot_eager")
+    args = argparse.Namespace(tiny=True, double=1, single=1, rank=4, backend="aot_eager", grad_rtol=0.05)
     rec = mod.run_case(case, args)
     assert rec["ok"] is False and rec["phase"] == "setup"
     assert "no_such_option" in rec["error"] and "Traceback" in rec["traceback"]
+
+
+def test_gradients_beyond_the_tolerance_fail_the_case():
+    """A case that runs but whose compiled gradients differ from eager's (what the H200 showed) is a failure,
+    phase "gradients"; a tolerance below aot_eager's exact agreement (negative) forces that verdict here."""
+    mod = _module()
+    args = argparse.Namespace(tiny=True, double=1, single=1, rank=4, backend="aot_eager", grad_rtol=-1.0)
+    rec = mod.run_case(mod.all_cases()["compile_ckpt_512"], args)
+    assert rec["ok"] is False and rec["phase"] == "gradients", rec
+    assert "differ from eager" in rec["error"] and rec["grad_rtol"] == -1.0 and "seconds" in rec
 
 
 def test_unknown_case_name_exits_2():

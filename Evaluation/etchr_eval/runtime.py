@@ -132,16 +132,20 @@ class RunDirLock:
 
     The kernel releases it when the holder dies (kill -9 included), so a stale lock never blocks a
     rerun. The holder's pid, host and start time are written into the file for the error message.
+    A run dir this lock created and that holds nothing but the lock at release (a start that failed before
+    writing anything) is removed again, so a failed start leaves no run dir behind.
     """
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / ".lock"
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> "RunDirLock":
         import fcntl
         import socket
 
+        created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -154,13 +158,20 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(), 0)
-        self._fd = fd
+        self._fd, self._created = fd, created
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        try:
+            if self._created and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+                self.path.unlink()  # still holding the flock: nobody else is inside
+                self.path.parent.rmdir()
+        except OSError:  # something appeared meanwhile: keep the dir
+            pass
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
 
     def __enter__(self) -> "RunDirLock":
         return self.acquire()

@@ -70,3 +70,21 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
         runtime.atomic_write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}  # the old file is intact
     assert os.listdir(tmp_path) == ["out.json"]  # and no temp file is left
+
+
+def test_run_dir_lock_removes_only_the_empty_dir_it_created(tmp_path):
+    """A start that fails before writing anything leaves no run dir; a dir with content, or one that existed
+    before the lock, stays."""
+    fresh = tmp_path / "fresh"
+    with runtime.RunDirLock(fresh):
+        assert (fresh / ".lock").exists()
+    assert not fresh.exists()
+    used = tmp_path / "used"
+    with runtime.RunDirLock(used):
+        (used / "config.yaml").write_text("a: 1\n")
+    assert (used / "config.yaml").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with runtime.RunDirLock(existing):
+        pass
+    assert existing.is_dir()

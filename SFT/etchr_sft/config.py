@@ -56,9 +56,13 @@ class ModelConfig:
     max_sequence_length: int = 512  # text tokens
     # Speed switches (docs/PERFORMANCE.md). Both compute the same function; compiled / other attention
     # kernels round differently from eager SDPA, so they are off by default (the reference's path).
-    # compile: regional torch.compile of the blocks (forward and backward). Experimental: on H200 with torch
-    # 2.11 the compiled backward failed at 1024^2 (CUBLAS_STATUS_EXECUTION_FAILED; docs/PERFORMANCE.md).
+    # compile: regional torch.compile of the blocks (forward and backward). Refused on CUDA: on an H200 with
+    # torch 2.11 the compiled backward gave wrong LoRA gradients (max abs error 26 where eager's largest
+    # gradient is 1.3e-6) and, without checkpointing, crashed in cuDNN attention's backward
+    # (docs/PERFORMANCE.md, "Compiled backward"). compile_trust_backward: true lifts the refusal; set it only
+    # after scripts/bench/repro_compiled_backward.py reports matching gradients on your torch and card.
     compile: bool = False
+    compile_trust_backward: bool = False
     attention_backend: str = "native"  # native (torch SDPA picks; fastest measured) | _native_flash | _native_efficient | _native_math
     # fp8 matmuls for the frozen base under LoRA (issue #17; etchr_sft/fp8.py): none | float8_rowwise |
     # float8_tensorwise (torchao float8 training recipes). LoRA A/B stay bf16. Needs torchao, a CUDA GPU of
@@ -253,6 +257,19 @@ def validate_sft(cfg: DictConfig) -> None:
         raise ConfigError(f"model.fp8={cfg.model.fp8!r}: use none, float8_rowwise or float8_tensorwise")
     if cfg.train.timestep_lookup not in ("exact", "reference_bf16"):
         raise ConfigError(f"train.timestep_lookup={cfg.train.timestep_lookup!r}: use exact or reference_bf16")
+
+
+def check_compiled_backward(model, device_type: str) -> None:
+    """model.compile trains through the compiled backward, which gave wrong LoRA gradients on CUDA (H200,
+    torch 2.11: docs/PERFORMANCE.md, "Compiled backward"); refuse it there unless model.compile_trust_backward
+    says the user has checked their torch. Called before anything loads."""
+    if model.compile and device_type == "cuda" and not model.compile_trust_backward:
+        raise ConfigError(
+            "model.compile=true trains through torch.compile's backward, which on an H200 with torch 2.11 gave "
+            "wrong LoRA gradients (max abs error 26 against eager's largest gradient of 1.3e-6) and crashed in "
+            "cuDNN attention's backward without checkpointing (docs/PERFORMANCE.md, \"Compiled backward\"). "
+            "Use model.compile=false, or run scripts/bench/repro_compiled_backward.py on this torch and card and, "
+            "if it reports matching gradients, set model.compile_trust_backward=true.")
 
 
 def check_activation_keys(model) -> None:

@@ -49,3 +49,40 @@ def test_yaml_then_override_and_save(tmp_path):
     cfg = load_sft_config(str(p), ["train.max_steps=9"])
     assert cfg.train.max_steps == 9
     assert "max_steps: 9" in save_config(cfg, tmp_path / "run").read_text()
+
+
+def test_compiled_backward_is_refused_on_cuda_unless_trusted():
+    """model.compile trains through the compiled backward, measured wrong on an H200 (docs/PERFORMANCE.md):
+    refused on CUDA with the reason and the way out; allowed on CPU (its tests agree with eager) and once
+    model.compile_trust_backward says the user has checked their torch."""
+    from etchr_sft.config import check_compiled_backward
+
+    on = load_sft_config(None, REQ + ["model.compile=true"])
+    with pytest.raises(ConfigError) as err:
+        check_compiled_backward(on.model, "cuda")
+    msg = str(err.value)
+    assert "wrong LoRA gradients" in msg and "repro_compiled_backward.py" in msg
+    assert "model.compile_trust_backward=true" in msg
+    check_compiled_backward(on.model, "cpu")
+    check_compiled_backward(load_sft_config(None, REQ + ["model.compile=true", "model.compile_trust_backward=true"]).model,
+                            "cuda")
+    check_compiled_backward(load_sft_config(None, REQ).model, "cuda")  # compile off: nothing to refuse
+
+
+def test_trainer_refuses_compile_on_cuda_before_anything_is_written(tmp_path, monkeypatch):
+    """The refusal happens in the trainer before the run dir, the accelerator or the weights: a CUDA machine
+    (faked) with model.compile=true leaves nothing behind."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("etchr_train_sft_cfgtest",
+                                                  Path(__file__).resolve().parents[1] / "train_sft.py")
+    train_sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_sft)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_sft_config(None, REQ + ["model.compile=true", f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="wrong LoRA gradients"):
+        train_sft.train(cfg)
+    assert not (tmp_path / "run").exists()  # the lock removed the empty run dir it had created
