@@ -87,9 +87,12 @@ def test_serves_one_judge_per_gpu_and_stops_them(fake_vllm):
         assert (f"judge.endpoints=[http://127.0.0.1:{port}/v1,http://127.0.0.1:{port + 1}/v1] "
                 f"judge.model=Qwen/Qwen3-VL-8B-Instruct") in text, text
         assert "sekrit-key" not in text and "VLLM_API_KEY" in text  # the key is never printed
-        calls = [json.loads(line) for line in (tmp / "calls.jsonl").read_text().splitlines()]
+        # the servers start in the background, so their calls land in either order: sort by GPU
+        calls = sorted((json.loads(line) for line in (tmp / "calls.jsonl").read_text().splitlines()),
+                       key=lambda c: c["cuda_visible_devices"])
         assert len(calls) == 2
         assert [c["cuda_visible_devices"] for c in calls] == ["0", "1"]
+        assert f"--port {port} " in " ".join(calls[0]["argv"]) + " "  # GPU i serves BASE_PORT + i
         assert calls[0]["argv"][:2] == ["serve", "Qwen/Qwen3-VL-8B-Instruct"]
         argv = " ".join(calls[1]["argv"])
         assert f"--host 127.0.0.1 --port {port + 1}" in argv
