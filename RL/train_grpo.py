@@ -41,7 +41,7 @@ from etchr_rl.fp8 import apply_fp8, check_fp8  # noqa: E402
 from etchr_rl.lora import save_lora  # noqa: E402
 from etchr_rl.model import (DTYPES, adamw_state_bytes, add_lora, apply_speed_options,  # noqa: E402
                             configure_checkpointing, load_pipeline, lora_target_names, planning_image_tokens,
-                            trains_compiled, training_compile_stance, velocity)
+                            velocity)
 from etchr_rl.plots import compose_panel, stack, write_curves  # noqa: E402
 from etchr_rl.rollout import noise_generator, sample_group  # noqa: E402
 from etchr_rl.sde import clipped_loss, log_prob, ratio, sde_mean, sigma_schedule, step_noise_scale  # noqa: E402
@@ -200,11 +200,6 @@ def _train(cfg) -> dict:
         optimizer_state_bytes=adamw_state_bytes(params))
     runtime.print0(f"[rl] activation checkpointing: {ckpt}")
     apply_speed_options(transformer, attention_backend=cfg.model.attention_backend, compile=cfg.model.compile)
-    if cfg.model.compile:
-        runtime.print0("[rl] model.compile: rollouts compiled, training " +
-                       ("compiled" if trains_compiled(cfg.model, device.type) else
-                        "eager (the compiled backward gave wrong LoRA gradients on CUDA; docs/PERFORMANCE.md, "
-                        "model.compile_trust_backward)"))
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     model, optimizer = accelerator.prepare(transformer, optimizer)
@@ -267,9 +262,8 @@ def _train(cfg) -> dict:
             # ---- train
             t2 = time.time()
             unwrapped.train()
-            with training_compile_stance(cfg.model, device.type):  # compiled backward: eager on CUDA (model.py)
-                stats = train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, adv,
-                                        sigmas, n_train, position, it, rank, device, bar)
+            stats = train_iteration(cfg, accelerator, model, unwrapped, optimizer, params, pipe, groups, adv, sigmas,
+                                    n_train, position, it, rank, device, bar)
             t_train = time.time() - t2
             position.iteration += 1
             if ckpt["mode"] == "budget" and "measured_peak_gib" not in ckpt:  # the plan against the first iteration

@@ -56,14 +56,14 @@ class ModelConfig:
     checkpoint_blocks: Optional[list] = None
     max_sequence_length: int = 512  # text tokens
     # Speed switches (docs/PERFORMANCE.md, bench_rl_group). compile: regional torch.compile of the
-    # transformer blocks (not bit-identical to eager). On CUDA the rollouts run compiled and the training
-    # phase eager (torch.compiler stance force_eager): on an H200 with torch 2.11 the compiled backward gave
-    # wrong LoRA gradients (docs/PERFORMANCE.md, "Compiled backward"). compile_trust_backward: true trains
-    # compiled too; set it only after scripts/bench/repro_compiled_backward.py passes on your torch and card.
-    # attention_backend: diffusers' attention dispatch for the transformer, one of ATTENTION_BACKENDS
-    # ("native" = torch SDPA's choice).
+    # transformer blocks (rollout and training; not bit-identical to eager). Its compiled training was checked
+    # on an H200 (bench_rl_group, 720^2, LoRA r64, full checkpointing, graph breaks allowed): first-step LoRA
+    # gradient within 1.3% of the reference loop's, as eager micro-batching's 1.1%. SFT's compiled backward
+    # (fullgraph, r768) gave wrong gradients and is refused there (docs/PERFORMANCE.md, "Compiled backward");
+    # with a partial activation budget run scripts/bench/repro_compiled_backward.py before trusting it.
+    # attention_backend: diffusers'
+    # attention dispatch for the transformer, one of ATTENTION_BACKENDS ("native" = torch SDPA's choice).
     compile: bool = False
-    compile_trust_backward: bool = False
     attention_backend: str = "native"
     # fp8 matmuls for the frozen base under LoRA (issue #17; etchr_rl/fp8.py): none | float8_rowwise |
     # float8_tensorwise (torchao float8 training recipes), rollouts and training alike; LoRA A/B stay bf16.

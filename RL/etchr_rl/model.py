@@ -8,7 +8,6 @@ target (0,h,w,0), reference (10,h,w,0), built with the pipeline's own helpers (P
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -70,22 +69,6 @@ def apply_speed_options(transformer, *, attention_backend: str = "native", compi
         transformer.set_attention_backend(attention_backend)
     if compile:
         transformer.compile_repeated_blocks(fullgraph=False)
-
-
-def training_compile_stance(model_cfg, device_type: str):
-    """The context the training phase (forward + backward) runs in. With model.compile on CUDA and
-    model.compile_trust_backward false: torch.compiler's force_eager stance, so the compiled blocks run their
-    eager code while gradients flow (the compiled backward gave wrong LoRA gradients on an H200 with torch
-    2.11: docs/PERFORMANCE.md, "Compiled backward"); rollouts, outside this context, stay compiled.
-    Otherwise nothing changes."""
-    if model_cfg.compile and not trains_compiled(model_cfg, device_type):
-        return torch.compiler.set_stance("force_eager")
-    return nullcontext()
-
-
-def trains_compiled(model_cfg, device_type: str) -> bool:
-    """Does the training phase run the compiled blocks? (model.compile, and off CUDA or trusted there.)"""
-    return bool(model_cfg.compile) and (device_type != "cuda" or bool(model_cfg.compile_trust_backward))
 
 
 def output_size(width: int, height: int, mode: str, max_area: int, size: int) -> tuple[int, int]:

@@ -205,36 +205,6 @@ def test_compile_for_rollout_and_checkpointed_training(tiny_models):
     assert stats["grad_norm"] > 0 and abs(stats["ratio_mean"] - 1) < 1e-3
 
 
-def test_training_phase_runs_eager_on_cuda_unless_trusted():
-    """model.compile on CUDA: the training phase runs in torch.compiler's force_eager stance (the compiled
-    backward gave wrong LoRA gradients on an H200: docs/PERFORMANCE.md), so a compiled function's backend is
-    not called inside it; off CUDA, or with model.compile_trust_backward, the compiled code runs."""
-    from etchr_rl.model import trains_compiled, training_compile_stance
-
-    calls = []
-
-    def counting_backend(gm, example_inputs):
-        calls.append(1)
-        return gm.forward
-
-    def run(model_cfg, device_type):
-        torch._dynamo.reset()
-        calls.clear()
-        f = torch.compile(lambda x: x * 2 + 1, backend=counting_backend)
-        with training_compile_stance(model_cfg, device_type):
-            out = f(torch.ones(3))
-        assert torch.equal(out, torch.full((3,), 3.0))
-        return len(calls)
-
-    on = load_rl_config(None, REQ + ["model.compile=true"]).model
-    trusted = load_rl_config(None, REQ + ["model.compile=true", "model.compile_trust_backward=true"]).model
-    assert run(on, "cuda") == 0 and not trains_compiled(on, "cuda")
-    assert run(on, "cpu") == 1 and trains_compiled(on, "cpu")
-    assert run(trusted, "cuda") == 1 and trains_compiled(trusted, "cuda")
-    off = load_rl_config(None, REQ).model
-    assert not trains_compiled(off, "cpu") and run(off, "cuda") == 1  # compile off: the stance changes nothing
-
-
 # ---------------------------------------------------------------------------------------------- bench
 def test_bench_rl_group_tiny_smoke(tiny_models, tmp_path):
     out = tmp_path / "bench.jsonl"

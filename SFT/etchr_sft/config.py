@@ -59,8 +59,9 @@ class ModelConfig:
     # compile: regional torch.compile of the blocks (forward and backward). Refused on CUDA: on an H200 with
     # torch 2.11 the compiled backward gave wrong LoRA gradients (max abs error 26 where eager's largest
     # gradient is 1.3e-6) and, without checkpointing, crashed in cuDNN attention's backward
-    # (docs/PERFORMANCE.md, "Compiled backward"). compile_trust_backward: true lifts the refusal; set it only
-    # after scripts/bench/repro_compiled_backward.py reports matching gradients on your torch and card.
+    # (docs/PERFORMANCE.md, "Compiled backward"; fullgraph regions, r768, 512^2 and 1024^2 alike; RL's
+    # compiled training, with graph breaks at 720^2 and r64, matched). compile_trust_backward: true lifts the
+    # refusal; set it only after scripts/bench/repro_compiled_backward.py passes on your torch and card.
     compile: bool = False
     compile_trust_backward: bool = False
     attention_backend: str = "native"  # native (torch SDPA picks; fastest measured) | _native_flash | _native_efficient | _native_math
