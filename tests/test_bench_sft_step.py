@@ -54,3 +54,27 @@ def test_bench_sft_step_tiny_losses_compare_with_the_reference_and_variants_take
     assert len(ref["losses"]) == 4 and len(set(ref["losses"])) == 4 and pinned["loss_steps_compared"] == 4
     assert pinned["loss_max_abs_diff"] < 1e-4 * max(ref["losses"])
     assert rows[-1]["done_s"] > 0
+
+
+def test_every_compiled_variant_passes_the_trainers_cuda_check():
+    """The trainer refuses model.compile on CUDA; the bench is where that is re-measured, so each of its
+    compiled variants must get past that check on a GPU (else its H200 row is only the refusal)."""
+    import importlib.util
+
+    bench_dir = REPO / "scripts" / "bench"
+    spec = importlib.util.spec_from_file_location("etchr_bench_sft_step_vars", bench_dir / "bench_sft_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(bench_dir))  # its benchlib
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(bench_dir))
+    from etchr_sft.config import check_compiled_backward, load_sft_config
+
+    compiled = {n: o for n, o in bench.VARIANTS.items() if bench.is_compiled(o)}
+    assert len(compiled) >= 4
+    for name, overrides in compiled.items():
+        cfg = load_sft_config(None, ["model.pretrained_path=/m", "data.csv=/d.csv"] +
+                              [f"{k}={v}" for k, v in overrides.items()  # bench-resolved values left out
+                               if not str(v).startswith("@") and v != "best"])
+        check_compiled_backward(cfg.model, "cuda")  # raises ConfigError if the variant would be refused

@@ -70,17 +70,15 @@ def test_compiled_backward_is_refused_on_cuda_unless_trusted():
 
 
 def test_trainer_refuses_compile_on_cuda_before_anything_is_written(tmp_path, monkeypatch):
-    """The refusal happens in the trainer before the run dir, the accelerator or the weights: a CUDA machine
-    (faked) with model.compile=true leaves nothing behind."""
-    import importlib.util
+    """The refusal happens in the trainer before the accelerator, the saved config or the weights: a CUDA
+    machine (faked) with model.compile=true leaves nothing behind (the lock removes the dir it made)."""
     from pathlib import Path
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("etchr_train_sft_cfgtest",
-                                                  Path(__file__).resolve().parents[1] / "train_sft.py")
-    train_sft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_sft)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # as test_train.py imports it
+    import train_sft
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = load_sft_config(None, REQ + ["model.compile=true", f"train.run_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="wrong LoRA gradients"):
