@@ -223,6 +223,7 @@ def _train(cfg, pipe=None) -> dict:
 
     # ================================================================ loop
     t_start, t_step = time.time(), time.time()
+    curves_at = None  # time of the last curves.png redraw
     loss_acc, micro = 0.0, 0
     bar = runtime.progress(total=total_steps, desc="sft", unit="step", initial=position.step)
     transformer.train()
@@ -276,8 +277,10 @@ def _train(cfg, pipe=None) -> dict:
                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
                              "step_time_s": round(now - t_step, 4), "epoch": position.epoch,
                              **_peak_memory(accelerator, device)}, step=position.step)
-                if accelerator.is_main_process:
+                if accelerator.is_main_process and (last or curves_at is None
+                                                    or now - curves_at >= cfg.train.curves_every_s):
                     write_curves(run_dir)  # run_dir/curves.png: loss, lr, grad norm so far (resume included)
+                    curves_at = now
             t_step = now
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")

@@ -64,6 +64,8 @@ class ModelConfig:
     # refusal; set it only after scripts/bench/repro_compiled_backward.py passes on your torch and card.
     compile: bool = False
     compile_trust_backward: bool = False
+    # compile_fullgraph: each block one graph (true) or dynamo may split it at graph breaks (false, as RL's).
+    compile_fullgraph: bool = True
     attention_backend: str = "native"  # native (torch SDPA picks; fastest measured) | _native_flash | _native_efficient | _native_math
     # fp8 matmuls for the frozen base under LoRA (issue #17; etchr_sft/fp8.py): none | float8_rowwise |
     # float8_tensorwise (torchao float8 training recipes). LoRA A/B stay bf16. Needs torchao, a CUDA GPU of
@@ -130,6 +132,9 @@ class TrainConfig:
     validation_steps: int = 28  # denoising steps of validation edits
     validation_guidance: float = 3.5  # CFG scale of validation edits
     log_every: int = 10  # optimizer steps
+    # seconds between redraws of run_dir/curves.png (and always at the last step); 0 = at every log step.
+    # A redraw is ~0.2-0.3 s of host time in which the GPU waits for the next step's kernels.
+    curves_every_s: float = 60.0
     resume: str = "auto"  # auto (latest checkpoint in run_dir if any) | never | <checkpoint dir>
     timestep_lookup: str = "exact"  # exact | reference_bf16 (round t to bf16, nearest table entry)
     # seconds of training-loop wall time; 0 = no limit. Past it the run ends after the current optimizer
@@ -240,6 +245,8 @@ def validate_sft(cfg: DictConfig) -> None:
         raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: use bf16 or no")
     if cfg.train.time_limit_s < 0:
         raise ConfigError(f"train.time_limit_s={cfg.train.time_limit_s}: use 0 (no limit) or a number of seconds")
+    if cfg.train.curves_every_s < 0:
+        raise ConfigError(f"train.curves_every_s={cfg.train.curves_every_s}: use 0 (every log step) or a number of seconds")
     if cfg.data.precomputed_dir and (cfg.data.cache_text_embeddings or cfg.data.cache_reference_latents):
         raise ConfigError("data.precomputed_dir supersedes data.cache_text_embeddings / data.cache_reference_latents: "
                           "set those to false (the precomputed folder already holds every row's tensors)")

@@ -68,7 +68,7 @@ def apply_speed_options(transformer, model_cfg) -> list[str]:
         transformer.set_attention_backend(model_cfg.attention_backend)
         applied.append(f"attention={model_cfg.attention_backend}")
     if model_cfg.compile:
-        transformer.compile_repeated_blocks(fullgraph=True)
+        transformer.compile_repeated_blocks(fullgraph=model_cfg.compile_fullgraph)
         applied.append("compile")
     return applied
 

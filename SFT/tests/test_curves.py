@@ -91,3 +91,23 @@ def test_inference_dl3dv_help_lists_the_eval_keys():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--vllm_baseurl" in res.stdout
     assert "config keys" in res.stdout and "wandb_project (str, default 'etchr-eval')" in res.stdout
+
+
+def test_curves_redraw_is_throttled_by_curves_every_s(tiny_models, sft_csv, tmp_path, monkeypatch):
+    """A redraw costs host time in which the GPU idles (~0.3 s a step with log_every=1): with
+    train.curves_every_s it happens at the first log step, then at most every that many seconds, and
+    always at the last step; 0 keeps the redraw at every log step."""
+    monkeypatch.syspath_prepend(str(SFT_DIR))
+    import train_sft
+
+    from etchr_sft.config import load_sft_config
+
+    calls = []
+    monkeypatch.setattr(train_sft, "write_curves", lambda run_dir: calls.append(Path(run_dir)))
+    common = [f"model.pretrained_path={tiny_models.flux}", f"data.csv={sft_csv}", "data.max_pixels=6144",
+              "train.max_steps=4", "train.log_every=1", "train.validate_every=0", "train.save_final=false"]
+    train_sft.train(load_sft_config(CONFIG, common + [f"train.run_dir={tmp_path / 'a'}", "train.curves_every_s=1e9"]))
+    assert len(calls) == 2  # step 1 and the last step
+    calls.clear()
+    train_sft.train(load_sft_config(CONFIG, common + [f"train.run_dir={tmp_path / 'b'}", "train.curves_every_s=0"]))
+    assert len(calls) == 4

@@ -70,6 +70,8 @@ VARIANTS: dict[str, dict] = {
     "ours_compile": {**COMPILE, "optim.fused": "true"},
     "ours_budget80_compile": {**BUDGET80, **COMPILE, "optim.fused": "true"},
     "ours_budget_auto_compile": {"model.activation_budget_gib": "auto", **COMPILE, "optim.fused": "true"},
+    # regional compile with graph breaks allowed (RL's way), the candidate workaround of the wrong fullgraph backward
+    "ours_budget80_compile_gb": {**BUDGET80, **COMPILE, "model.compile_fullgraph": "false", "optim.fused": "true"},
     "ours_compile_attn": {**COMPILE, "model.attention_backend": "best", "optim.fused": "true"},
     # model.fp8 (torchao float8 for the frozen LoRA base layers; refused without torchao / an fp8 GPU)
     "ours_fp8": {"model.fp8": "float8_rowwise", "optim.fused": "true"},
@@ -323,8 +325,9 @@ def ours(pipe, csv_path: Path, run_dir: Path, args, overrides: dict) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "step_time_s" in r]
     plans = [r["activation_checkpointing"] for r in rows if "activation_checkpointing" in r]
-    times = [r["step_time_s"] for r in steps[args.warmup:]]
-    return {"times": times, "losses": [r["loss"] for r in steps], "activation_checkpointing": plans[-1] if plans else None,
+    per_step = cfg.train.batch_size * cfg.train.grad_accum  # samples in one optimizer step (train.batch_size > 1)
+    times = [r["step_time_s"] / per_step for r in steps[args.warmup:]]
+    return {"times": times, "samples_per_step": per_step, "losses": [r["loss"] for r in steps], "activation_checkpointing": plans[-1] if plans else None,
             **({"precompute": precompute_stats} if precompute_stats is not None else {})}
 
 
@@ -410,7 +413,10 @@ def main(argv=None) -> int:
     emit({"built_s": round(time.time() - t0, 1),
           "transformer_params": sum(p.numel() for p in pipe.transformer.parameters())})
     # enough distinct samples for one epoch of the timed steps (capped: more steps cycle epochs, as the trainer)
-    csv_path = write_data(work / "data", max(4, min(total_steps(a), 24)), a.size)
+    # (train.batch_size > 1 variants: that many samples per step, so that their batches are full ones)
+    per_step = max([int(VARIANTS[v].get("train.batch_size", 1)) * int(VARIANTS[v].get("train.grad_accum", 1))
+                    for v in variants if v in VARIANTS] + [1])
+    csv_path = write_data(work / "data", max(4 * per_step, min(total_steps(a) * per_step, 24 * per_step)), a.size)
     from etchr_sft.config import REFERENCE_LORA_TARGETS
     from etchr_sft.model import lora_target_names
 
@@ -460,6 +466,8 @@ def main(argv=None) -> int:
                    "ratio_vs_reference": round(base / sec, 3) if base else None, "peak_mem_gib": peak_gib(),
                    "first_loss": res["losses"][0] if res["losses"] else None,
                    "times": [round(x, 4) for x in res["times"]], "elapsed_s": round(time.time() - start, 1)}
+            if res.get("samples_per_step", 1) != 1:
+                row["samples_per_step"] = res["samples_per_step"]  # "times" are per sample, the losses per optimizer step
             if res.get("activation_checkpointing") is not None:
                 row["activation_checkpointing"] = res["activation_checkpointing"]
             pre = res.get("precompute")

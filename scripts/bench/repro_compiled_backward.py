@@ -45,13 +45,13 @@ TEXT_TOKENS = 512
 
 
 def _case(name, size, *, ckpt=True, compile="regional", fullgraph=True, mode=None, inductor=None, env=None,
-          reduced_precision_reduction=None, preferred_blas=None, autocast=True, note=""):
+          reduced_precision_reduction=None, preferred_blas=None, autocast=True, cudnn_sdp=None, note=""):
     """autocast: bf16 autocast around the forward on CUDA (the backward replays its casts), as accelerate's mixed_precision=bf16 (SFT's
     default train.mixed_precision) ran the failing step; False = plain bf16 weights only."""
     return {"name": name, "size": size, "ckpt": ckpt, "compile": compile, "fullgraph": fullgraph, "mode": mode,
             "autocast": autocast,
             "inductor": inductor or {}, "env": env or {}, "reduced_precision_reduction": reduced_precision_reduction,
-            "preferred_blas": preferred_blas, "note": note}
+            "preferred_blas": preferred_blas, "cudnn_sdp": cudnn_sdp, "note": note}
 
 
 # Cases in the order they run (the most telling first, so a --budget-s cut loses the least).
@@ -70,6 +70,11 @@ SWEEPS = {
               note="torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction=False"),
     ],
     "workarounds": [
+        _case("compile_ckpt_1024_graph_breaks", 1024, fullgraph=False,
+              note="regional compile as RL's (fullgraph=False), whose gradients were measured right at r64 / 720^2"),
+        _case("compile_nockpt_1024_no_cudnn", 1024, ckpt=False, cudnn_sdp=False,
+              note="no checkpointing, SDPA's cuDNN kernel off (its backward crashed compile_nockpt_1024)"),
+        _case("compile_nockpt_1024_graph_breaks_no_cudnn", 1024, ckpt=False, fullgraph=False, cudnn_sdp=False),
         _case("compile_ckpt_1024_no_lt_addmm", 1024, env={"DISABLE_ADDMM_CUDA_LT": "1"}),
         _case("compile_ckpt_1024_cublas_lib", 1024, preferred_blas="cublas",
               note="torch.backends.cuda.preferred_blas_library('cublas')"),
@@ -78,7 +83,6 @@ SWEEPS = {
         _case("compile_ckpt_1024_plain_inductor", 1024,
               inductor={"max_autotune": False, "max_autotune_gemm": False, "triton.cudagraphs": False}),
         _case("compile_ckpt_1024_emulate_casts", 1024, inductor={"emulate_precision_casts": True}),
-        _case("compile_ckpt_1024_graph_breaks", 1024, fullgraph=False),
         _case("compile_ckpt_1024_max_autotune_no_cg", 1024, mode="max-autotune-no-cudagraphs",
               note="slow to compile (GEMM autotuning): last"),
     ],
@@ -188,7 +192,7 @@ def run_case(case: dict, args) -> dict:
            "fullgraph": case["fullgraph"], "mode": case["mode"],
            "inductor": case["inductor"], "env": case["env"], "backend": args.backend,
            "reduced_precision_reduction": case["reduced_precision_reduction"],
-           "preferred_blas": case["preferred_blas"], "blocks": [args.double, args.single],
+           "preferred_blas": case["preferred_blas"], "cudnn_sdp": case.get("cudnn_sdp"), "blocks": [args.double, args.single],
            "lora_rank": args.rank if not args.tiny else min(args.rank, 8), "device": device,
            "tiny": bool(args.tiny), "torch": torch.__version__,
            "cuda_launch_blocking": os.environ.get("CUDA_LAUNCH_BLOCKING")}
@@ -201,6 +205,8 @@ def run_case(case: dict, args) -> dict:
             _set_inductor(key, value)
         if case["reduced_precision_reduction"] is not None:
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = case["reduced_precision_reduction"]
+        if case.get("cudnn_sdp") is not None:
+            torch.backends.cuda.enable_cudnn_sdp(case["cudnn_sdp"])
         if case["preferred_blas"]:
             torch.backends.cuda.preferred_blas_library(case["preferred_blas"])
         phase[0] = "build"
