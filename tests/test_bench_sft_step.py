@@ -57,8 +57,8 @@ def test_bench_sft_step_tiny_losses_compare_with_the_reference_and_variants_take
 
 
 def test_every_compiled_variant_passes_the_trainers_cuda_check():
-    """The trainer refuses model.compile on CUDA; the bench is where that is re-measured, so each of its
-    compiled variants must get past that check on a GPU (else its H200 row is only the refusal)."""
+    """The trainer refuses model.compile with every block checkpointed (it would compile nothing); each of the
+    bench's compiled variants must get past that check on a GPU (else its H200 row is only the refusal)."""
     import importlib.util
 
     bench_dir = REPO / "scripts" / "bench"

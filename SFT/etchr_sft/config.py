@@ -56,12 +56,14 @@ class ModelConfig:
     max_sequence_length: int = 512  # text tokens
     # Speed switches (docs/PERFORMANCE.md). Both compute the same function; compiled / other attention
     # kernels round differently from eager SDPA, so they are off by default (the reference's path).
-    # compile: regional torch.compile of the blocks (forward and backward). Refused on CUDA: on an H200 with
-    # torch 2.11 the compiled backward gave wrong LoRA gradients (max abs error 26 where eager's largest
-    # gradient is 1.3e-6) and, without checkpointing, crashed in cuDNN attention's backward
-    # (docs/PERFORMANCE.md, "Compiled backward"; fullgraph regions, r768, 512^2 and 1024^2 alike; RL's
-    # compiled training, with graph breaks at 720^2 and r64, matched). compile_trust_backward: true lifts the
-    # refusal; set it only after scripts/bench/repro_compiled_backward.py passes on your torch and card.
+    # compile: torch.compile of each block that is not checkpointed (forward and backward); checkpointed blocks
+    # run eagerly and, on CUDA, SDPA's cuDNN kernel is off. On an H200 with torch 2.11 a compiled block under the
+    # checkpoint wrapper gave wrong LoRA gradients (max abs error 26 where eager's largest gradient is 1.3e-6,
+    # fullgraph or not) and cuDNN attention's compiled backward crashed; compiled plain blocks matched eager
+    # (docs/PERFORMANCE.md, "Compiled backward"). So compile goes with model.activation_budget_gib /
+    # checkpoint_blocks / gradient_checkpointing=false; with every block checkpointed it is refused.
+    # compile_trust_backward: true compiles the checkpointed blocks too; set it only after
+    # scripts/bench/repro_compiled_backward.py passes on your torch and card.
     compile: bool = False
     compile_trust_backward: bool = False
     # compile_fullgraph: each block one graph (true) or dynamo may split it at graph breaks (false, as RL's).
@@ -268,16 +270,23 @@ def validate_sft(cfg: DictConfig) -> None:
 
 
 def check_compiled_backward(model, device_type: str) -> None:
-    """model.compile trains through the compiled backward, which gave wrong LoRA gradients on CUDA (H200,
-    torch 2.11: docs/PERFORMANCE.md, "Compiled backward"); refuse it there unless model.compile_trust_backward
-    says the user has checked their torch. Called before anything loads."""
-    if model.compile and device_type == "cuda" and not model.compile_trust_backward:
+    """model.compile compiles only the blocks that are not checkpointed (a compiled block under the checkpoint
+    wrapper trained on wrong LoRA gradients on an H200, torch 2.11: docs/PERFORMANCE.md, "Compiled
+    backward"). A config that checkpoints every block would compile nothing: refused before anything loads,
+    on every device (the same rule everywhere), unless model.compile_trust_backward=true, which compiles the
+    checkpointed blocks too. `device_type` names the device in the message."""
+    every_block = (model.checkpoint_blocks is None and model.gradient_checkpointing
+                   and isinstance(model.activation_budget_gib, (int, float)) and float(model.activation_budget_gib) == 0)
+    if model.compile and every_block and not model.compile_trust_backward:
         raise ConfigError(
-            "model.compile=true trains through torch.compile's backward, which on an H200 with torch 2.11 gave "
-            "wrong LoRA gradients (max abs error 26 against eager's largest gradient of 1.3e-6) and crashed in "
-            "cuDNN attention's backward without checkpointing (docs/PERFORMANCE.md, \"Compiled backward\"). "
-            "Use model.compile=false, or run scripts/bench/repro_compiled_backward.py on this torch and card and, "
-            "if it reports matching gradients, set model.compile_trust_backward=true.")
+            f"model.compile=true with every block checkpointed (model.gradient_checkpointing=true, no "
+            f"model.activation_budget_gib or model.checkpoint_blocks) compiles nothing on {device_type}: compile "
+            "skips checkpointed blocks, because a compiled block under the checkpoint wrapper gave wrong LoRA "
+            "gradients on an H200 with torch 2.11 (2e7 x eager's largest gradient; docs/PERFORMANCE.md, "
+            "\"Compiled backward\"). Leave blocks un-checkpointed with model.activation_budget_gib (e.g. 76 or "
+            "auto), model.checkpoint_blocks=[n_double,n_single] or model.gradient_checkpointing=false; or, after "
+            "scripts/bench/repro_compiled_backward.py reports matching gradients on your torch and card, set "
+            "model.compile_trust_backward=true to compile the checkpointed blocks too.")
 
 
 def check_activation_keys(model) -> None:

@@ -59,18 +59,50 @@ def add_lora(transformer, rank: int, alpha: float, targets: list[str], dropout: 
 
 
 def apply_speed_options(transformer, model_cfg) -> list[str]:
-    """The speed switches of `model:` (docs/PERFORMANCE.md): an attention kernel and regional
-    torch.compile of the repeated blocks (after LoRA and gradient checkpointing are in place, so the
-    compiled regions include the LoRA layers and run under the checkpoint wrapper). Returns what was
-    applied, for the log."""
+    """The speed switches of `model:` (docs/PERFORMANCE.md): an attention kernel and torch.compile of the
+    blocks. Call after LoRA and the checkpointing plan are in place (the compiled blocks include their LoRA
+    layers). Returns what was applied, for the log.
+
+    model.compile compiles each block that is not checkpointed; the checkpointed ones run eagerly, and on
+    CUDA SDPA's cuDNN kernel is turned off for the process. Measured on an H200 (torch 2.11, 9B width,
+    r768, 1024^2; docs/PERFORMANCE.md "Compiled backward"): a compiled block under the checkpoint wrapper
+    gets wrong LoRA gradients (2e7 x eager's largest, with or without graph breaks), and cuDNN attention's
+    compiled backward crashes, while compiled plain blocks with cuDNN off match eager (0.6% of the largest
+    gradient, bf16). model.compile_trust_backward=true compiles the checkpointed blocks too."""
     applied = []
     if model_cfg.attention_backend != "native":
         transformer.set_attention_backend(model_cfg.attention_backend)
         applied.append(f"attention={model_cfg.attention_backend}")
     if model_cfg.compile:
-        transformer.compile_repeated_blocks(fullgraph=model_cfg.compile_fullgraph)
-        applied.append("compile")
+        done, total = compile_blocks(transformer, fullgraph=model_cfg.compile_fullgraph,
+                                     checkpointed_too=model_cfg.compile_trust_backward)
+        if next(transformer.parameters()).is_cuda:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        applied.append(f"compile ({done} of {total} blocks" + (")" if done == total else
+                                                             "; the checkpointed ones run eagerly)"))
     return applied
+
+
+def checkpointed_block_ids(transformer) -> set:
+    """ids of the blocks that set_checkpointed_blocks checkpoints (none while checkpointing is off)."""
+    if not transformer.gradient_checkpointing:
+        return set()
+    nd, ns = getattr(transformer, "_etchr_checkpointed", block_counts(transformer))
+    return ({id(b) for b in list(transformer.transformer_blocks)[:nd]}
+            | {id(b) for b in list(transformer.single_transformer_blocks)[:ns]})
+
+
+def compile_blocks(transformer, *, fullgraph: bool, checkpointed_too: bool = False) -> tuple[int, int]:
+    """torch.compile each double- and single-stream block in place (Module.compile: names and state_dict keys
+    unchanged), skipping the checkpointed ones unless `checkpointed_too`. Returns (compiled, blocks)."""
+    skip = set() if checkpointed_too else checkpointed_block_ids(transformer)
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    done = 0
+    for block in blocks:
+        if id(block) not in skip:
+            block.compile(fullgraph=fullgraph)
+            done += 1
+    return done, len(blocks)
 
 
 @torch.no_grad()

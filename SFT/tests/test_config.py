@@ -51,27 +51,31 @@ def test_yaml_then_override_and_save(tmp_path):
     assert "max_steps: 9" in save_config(cfg, tmp_path / "run").read_text()
 
 
-def test_compiled_backward_is_refused_on_cuda_unless_trusted():
-    """model.compile trains through the compiled backward, measured wrong on an H200 (docs/PERFORMANCE.md):
-    refused on CUDA with the reason and the way out; allowed on CPU (its tests agree with eager) and once
-    model.compile_trust_backward says the user has checked their torch."""
+def test_compile_with_every_block_checkpointed_is_refused_unless_trusted():
+    """model.compile skips checkpointed blocks (compiled under the checkpoint wrapper they got wrong gradients
+    on an H200, docs/PERFORMANCE.md): a config that checkpoints every block would compile nothing and is
+    refused on any device with the reason and the ways out; a budget, pinned blocks, no checkpointing or
+    model.compile_trust_backward pass."""
     from etchr_sft.config import check_compiled_backward
 
     on = load_sft_config(None, REQ + ["model.compile=true"])
-    with pytest.raises(ConfigError) as err:
-        check_compiled_backward(on.model, "cuda")
-    msg = str(err.value)
-    assert "wrong LoRA gradients" in msg and "repro_compiled_backward.py" in msg
-    assert "model.compile_trust_backward=true" in msg
-    check_compiled_backward(on.model, "cpu")
-    check_compiled_backward(load_sft_config(None, REQ + ["model.compile=true", "model.compile_trust_backward=true"]).model,
-                            "cuda")
+    for device in ("cuda", "cpu"):
+        with pytest.raises(ConfigError) as err:
+            check_compiled_backward(on.model, device)
+        msg = str(err.value)
+        assert "compiles nothing" in msg and "wrong LoRA" in msg and "repro_compiled_backward.py" in msg
+        assert "model.activation_budget_gib" in msg and "model.compile_trust_backward=true" in msg
+    for extra in (["model.compile_trust_backward=true"], ["model.activation_budget_gib=76"],
+                  ["model.activation_budget_gib=auto"], ["model.checkpoint_blocks=[8,24]"],
+                  ["model.gradient_checkpointing=false"]):
+        check_compiled_backward(load_sft_config(None, REQ + ["model.compile=true", *extra]).model, "cuda")
     check_compiled_backward(load_sft_config(None, REQ).model, "cuda")  # compile off: nothing to refuse
 
 
 def test_trainer_refuses_compile_on_cuda_before_anything_is_written(tmp_path, monkeypatch):
     """The refusal happens in the trainer before the accelerator, the saved config or the weights: a CUDA
-    machine (faked) with model.compile=true leaves nothing behind (the lock removes the dir it made)."""
+    machine (faked) with model.compile=true and every block checkpointed leaves nothing behind (the lock
+    removes the dir it made)."""
     from pathlib import Path
 
     import torch
@@ -81,6 +85,6 @@ def test_trainer_refuses_compile_on_cuda_before_anything_is_written(tmp_path, mo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = load_sft_config(None, REQ + ["model.compile=true", f"train.run_dir={tmp_path / 'run'}"])
-    with pytest.raises(ConfigError, match="wrong LoRA gradients"):
+    with pytest.raises(ConfigError, match="compiles nothing"):
         train_sft.train(cfg)
     assert not (tmp_path / "run").exists()  # the lock removed the empty run dir it had created

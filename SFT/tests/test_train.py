@@ -40,7 +40,8 @@ def run_train(argv, *, torchrun=0, env=None):
 
 
 def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]  # (a pinned / budget run also logs its checkpointing plan)
 
 
 def test_lora_run_changes_only_lora(tiny_models, sft_csv, tmp_path):
@@ -162,15 +163,38 @@ def test_batch_of_two_with_buckets_and_caches_match_uncached(tiny_models, sft_cs
 
 
 def test_speed_switches_keep_the_losses(tiny_models, sft_csv, tmp_path):
-    """model.compile (regional, forward + backward under gradient checkpointing) and a fixed attention
-    kernel compute the same training function: the same losses as the eager default (fp32, CPU);
-    save_final=false leaves no checkpoint; the log names the switches."""
+    """model.compile (the blocks that are not checkpointed, forward + backward; here the second of each
+    stack) and a fixed attention kernel compute the same training function: the same losses as the eager
+    default (fp32, CPU); save_final=false leaves no checkpoint; the log names the switches."""
     plain, fast = tmp_path / "plain", tmp_path / "fast"
     run_train(args(tiny_models, sft_csv, plain, "train.max_steps=3", "train.checkpoint_every=100"))
     res = run_train(args(tiny_models, sft_csv, fast, "train.max_steps=3", "train.checkpoint_every=100",
-                         "model.compile=true", "model.attention_backend=_native_math", "optim.fused=true",
-                         "train.save_final=false"))
+                         "model.compile=true", "model.checkpoint_blocks=[1,1]", "model.attention_backend=_native_math",
+                         "optim.fused=true", "train.save_final=false"))
     assert len(losses(fast)) == 3 and losses(fast) == pytest.approx(losses(plain), rel=1e-4)
-    assert "speed: attention=_native_math, compile" in res.stdout + res.stderr
+    assert "speed: attention=_native_math, compile (2 of 4 blocks; the checkpointed ones run eagerly)" in (
+        res.stdout + res.stderr)
     assert [p.name for p in (plain / "checkpoints").glob("step-*")] == ["step-000003"]
     assert not (fast / "checkpoints").exists() or not list((fast / "checkpoints").glob("step-*"))
+
+
+def test_compile_skips_the_checkpointed_blocks(tiny_models):
+    """The rule behind model.compile (docs/PERFORMANCE.md, "Compiled backward"): a block under the checkpoint
+    wrapper is never compiled (there the compiled backward gave wrong gradients), the others are; with
+    compile_trust_backward every block is."""
+    from diffusers import Flux2Transformer2DModel
+
+    from etchr_sft.model import compile_blocks, set_checkpointed_blocks
+
+    def compiled(t):
+        return [b._compiled_call_impl is not None for b in [*t.transformer_blocks, *t.single_transformer_blocks]]
+
+    t = Flux2Transformer2DModel.from_pretrained(tiny_models.flux / "transformer")
+    set_checkpointed_blocks(t, 1, 0)
+    assert compile_blocks(t, fullgraph=True) == (3, 4)
+    assert compiled(t) == [False, True, True, True]
+    t = Flux2Transformer2DModel.from_pretrained(tiny_models.flux / "transformer")
+    set_checkpointed_blocks(t, 2, 2)
+    assert compile_blocks(t, fullgraph=True, checkpointed_too=True) == (4, 4) and all(compiled(t))
+    t = Flux2Transformer2DModel.from_pretrained(tiny_models.flux / "transformer")  # checkpointing off: all
+    assert compile_blocks(t, fullgraph=False) == (4, 4)
