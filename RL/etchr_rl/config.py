@@ -56,11 +56,11 @@ class ModelConfig:
     checkpoint_blocks: Optional[list] = None
     max_sequence_length: int = 512  # text tokens
     # Speed switches (docs/PERFORMANCE.md, bench_rl_group). compile: regional torch.compile of the
-    # transformer blocks (rollout and training; not bit-identical to eager). Its compiled training was checked
-    # on an H200 (bench_rl_group, 720^2, LoRA r64, full checkpointing, graph breaks allowed): first-step LoRA
-    # gradient within 1.3% of the reference loop's, as eager micro-batching's 1.1%. SFT's compiled backward
-    # (fullgraph, r768) gave wrong gradients and is refused there (docs/PERFORMANCE.md, "Compiled backward");
-    # with a partial activation budget run scripts/bench/repro_compiled_backward.py before trusting it.
+    # transformer blocks (rollout and training; not bit-identical to eager). Under gradient, a checkpointed
+    # block runs (and recomputes) its eager forward: on an H200 with torch 2.11 a compiled block under the
+    # checkpoint wrapper gave wrong LoRA gradients once LoRA B was non-zero (docs/PERFORMANCE.md, "Compiled
+    # backward"; the earlier first-step check had B = 0). Plain blocks (model.activation_budget_gib,
+    # checkpoint_blocks) and the no-grad rollouts run compiled.
     # attention_backend: diffusers'
     # attention dispatch for the transformer, one of ATTENTION_BACKENDS ("native" = torch SDPA's choice).
     compile: bool = False

@@ -182,7 +182,10 @@ def set_checkpointed_blocks(transformer, n_double: int, n_single: int) -> tuple[
 
     def selective_checkpoint(block, *args):
         if id(block) in chosen:
-            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+            # the block's eager forward (Module._call_impl), also when model.compile compiled it: a compiled
+            # block under the checkpoint wrapper trained on wrong LoRA gradients on an H200 with torch 2.11
+            # (docs/PERFORMANCE.md, "Compiled backward"); its compiled graph still serves the no-grad rollouts
+            return torch.utils.checkpoint.checkpoint(block._call_impl, *args, use_reentrant=False)
         return block(*args)
 
     transformer.enable_gradient_checkpointing(selective_checkpoint)
@@ -274,7 +277,7 @@ def probe_activation_memory(transformer, inputs: dict, optimizer_state_bytes: in
         for name, first in (("double", doubles0), ("single", singles0)):
             if block is first and name not in captured:
                 captured[name] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(block._call_impl, *args, use_reentrant=False)
 
     was_training = transformer.training
     transformer.train()

@@ -205,6 +205,48 @@ def test_compile_for_rollout_and_checkpointed_training(tiny_models):
     assert stats["grad_norm"] > 0 and abs(stats["ratio_mean"] - 1) < 1e-3
 
 
+def test_checkpointed_blocks_train_eagerly_under_compile(tiny_models):
+    """A compiled block under the checkpoint wrapper trained on wrong LoRA gradients on an H200 (docs/
+    PERFORMANCE.md, "Compiled backward"): with gradient a checkpointed block runs its eager forward (its
+    compiled graph is not called) while a plain block runs compiled; without gradient (the rollout) both
+    run compiled."""
+    from etchr_rl.model import set_checkpointed_blocks
+
+    from diffusers import Flux2Transformer2DModel
+
+    t = Flux2Transformer2DModel.from_pretrained(tiny_models.flux / "transformer")
+    t.requires_grad_(False)
+    add_lora(t, 4, 8.0, lora_target_names(t, ["to_q", "to_k", "to_v", "to_out.0"]))
+    set_checkpointed_blocks(t, 1, 0)  # the first double block checkpointed, the other three plain
+    apply_speed_options(t, compile=True)
+    blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
+    calls = [0] * len(blocks)
+    for i, b in enumerate(blocks):
+        inner = b._compiled_call_impl
+
+        def counted(*a, _i=i, _inner=inner, **k):
+            calls[_i] += 1
+            return _inner(*a, **k)
+
+        b._compiled_call_impl = counted
+    kw = _dit_inputs(t)
+    t.train()
+    t(**kw)[0].float().square().mean().backward()
+    assert calls == [0, 1, 1, 1]
+    with torch.no_grad():
+        t(**kw)
+    assert calls == [1, 2, 2, 2]
+
+
+def _dit_inputs(t) -> dict:
+    g = torch.Generator().manual_seed(0)
+    c = t.config
+    return {"hidden_states": torch.randn(1, 32, c.in_channels, generator=g), "img_ids": torch.zeros(1, 32, 4),
+            "encoder_hidden_states": torch.randn(1, 8, c.joint_attention_dim, generator=g),
+            "txt_ids": torch.zeros(1, 8, 4), "timestep": torch.full((1,), 0.5), "guidance": None,
+            "return_dict": False}
+
+
 # ---------------------------------------------------------------------------------------------- bench
 def test_bench_rl_group_tiny_smoke(tiny_models, tmp_path):
     out = tmp_path / "bench.jsonl"
