@@ -210,7 +210,7 @@ def test_checkpointed_blocks_train_eagerly_under_compile(tiny_models):
     PERFORMANCE.md, "Compiled backward"): with gradient a checkpointed block runs its eager forward (its
     compiled graph is not called) while a plain block runs compiled; without gradient (the rollout) both
     run compiled."""
-    from etchr_rl.model import set_checkpointed_blocks
+    from etchr_rl.model import probe_inputs, set_checkpointed_blocks
 
     from diffusers import Flux2Transformer2DModel
 
@@ -229,7 +229,7 @@ def test_checkpointed_blocks_train_eagerly_under_compile(tiny_models):
             return _inner(*a, **k)
 
         b._compiled_call_impl = counted
-    kw = _dit_inputs(t)
+    kw = probe_inputs(t, 1, 32, 8)
     t.train()
     t(**kw)[0].float().square().mean().backward()
     assert calls == [0, 1, 1, 1]
@@ -237,14 +237,6 @@ def test_checkpointed_blocks_train_eagerly_under_compile(tiny_models):
         t(**kw)
     assert calls == [1, 2, 2, 2]
 
-
-def _dit_inputs(t) -> dict:
-    g = torch.Generator().manual_seed(0)
-    c = t.config
-    return {"hidden_states": torch.randn(1, 32, c.in_channels, generator=g), "img_ids": torch.zeros(1, 32, 4),
-            "encoder_hidden_states": torch.randn(1, 8, c.joint_attention_dim, generator=g),
-            "txt_ids": torch.zeros(1, 8, 4), "timestep": torch.full((1,), 0.5), "guidance": None,
-            "return_dict": False}
 
 
 # ---------------------------------------------------------------------------------------------- bench

@@ -83,13 +83,18 @@ def apply_speed_options(transformer, model_cfg) -> list[str]:
     return applied
 
 
+def _first_blocks(transformer, n_double: int, n_single: int) -> set:
+    """ids of the first n_double double-stream and n_single single-stream blocks (the checkpointed ones)."""
+    return ({id(b) for b in list(transformer.transformer_blocks)[:n_double]}
+            | {id(b) for b in list(transformer.single_transformer_blocks)[:n_single]})
+
+
 def checkpointed_block_ids(transformer) -> set:
-    """ids of the blocks that set_checkpointed_blocks checkpoints (none while checkpointing is off)."""
+    """ids of the blocks that set_checkpointed_blocks checkpoints (none while checkpointing is off; every
+    block when diffusers' own enable_gradient_checkpointing turned it on)."""
     if not transformer.gradient_checkpointing:
         return set()
-    nd, ns = getattr(transformer, "_etchr_checkpointed", block_counts(transformer))
-    return ({id(b) for b in list(transformer.transformer_blocks)[:nd]}
-            | {id(b) for b in list(transformer.single_transformer_blocks)[:ns]})
+    return _first_blocks(transformer, *getattr(transformer, "_etchr_checkpointed", block_counts(transformer)))
 
 
 def compile_blocks(transformer, *, fullgraph: bool, checkpointed_too: bool = False) -> tuple[int, int]:
@@ -200,8 +205,7 @@ def set_checkpointed_blocks(transformer, n_double: int, n_single: int) -> tuple[
             transformer.disable_gradient_checkpointing()
         transformer._etchr_checkpointed = (0, 0)
         return 0, 0
-    chosen = {id(b) for b in list(transformer.transformer_blocks)[:n_double]}
-    chosen |= {id(b) for b in list(transformer.single_transformer_blocks)[:n_single]}
+    chosen = _first_blocks(transformer, n_double, n_single)
 
     def selective_checkpoint(block, *args):
         if id(block) in chosen:

@@ -73,7 +73,7 @@ VARIANTS: dict[str, dict] = {
     "ours_budget_auto_compile": {"model.activation_budget_gib": "auto", **COMPILE, "optim.fused": "true"},
     "ours_budget80_compile_all_gb": {**BUDGET80, **COMPILE_ALL, "model.compile_fullgraph": "false",
                                      "optim.fused": "true"},
-    "ours_compile_attn": {**BUDGET80, **COMPILE, "model.attention_backend": "best", "optim.fused": "true"},
+    "ours_budget80_compile_attn": {**BUDGET80, **COMPILE, "model.attention_backend": "best", "optim.fused": "true"},
     # model.fp8 (torchao float8 for the frozen LoRA base layers; refused without torchao / an fp8 GPU)
     "ours_fp8": {"model.fp8": "float8_rowwise", "optim.fused": "true"},
     "ours_fp8_tensorwise": {"model.fp8": "float8_tensorwise", "optim.fused": "true"},
