@@ -29,10 +29,10 @@ from etchr_sft.checkpoint import (CheckpointError, export_fsdp, finalize, latest
                                   load_training_state, meta, repair_checkpoints, save_training_state, step_dir)
 from etchr_sft.config import (ConfigError, check_compiled_backward, load_sft_config, save_config,  # noqa: E402
                               split_cli, to_container)
-from etchr_sft.data import BatchDataset, DataError, bucket_key, make_batches, read_csv, shard  # noqa: E402
+from etchr_sft.data import (BatchDataset, DataError, bucket_key, largest_sample_tokens, make_batches,  # noqa: E402
+                            read_csv, shard)
 from etchr_sft.fp8 import apply_fp8, check_fp8  # noqa: E402
 from etchr_sft.lora import LORA_FILE, save_lora  # noqa: E402
-from etchr_sft.data import REFERENCE_AREA  # noqa: E402
 from etchr_sft.model import (DTYPES, TensorCache, adamw_state_bytes, add_lora, apply_speed_options,  # noqa: E402
                              configure_checkpointing, encode_images, encode_prompts, load_pipeline,
                              lora_target_names, pack, pack_reference, velocity)
@@ -137,12 +137,17 @@ def _train(cfg, pipe=None) -> dict:
     params = [p for p in transformer.parameters() if p.requires_grad]
     if _budget_mode(cfg.model):
         transformer.to(device)  # the probe measures on the device (accelerator.prepare would move it anyway)
+    rows = read_csv(cfg.data.csv, cfg.data.base_path)
+    keys = [bucket_key(r, cfg.data.max_pixels, cfg.data.multiple_of, cfg.data.reference_resize) for r in rows]
     # Which blocks are checkpointed (issue #17): all / none / pinned, or as many as model.activation_budget_gib
-    # needs, probed at the largest shape (max_pixels target + 1024^2 reference) so no aspect bucket exceeds it.
-    ckpt = configure_checkpointing(transformer, cfg.model, batch=cfg.train.batch_size,
-                                   image_tokens=cfg.data.max_pixels // 256 + REFERENCE_AREA // 256,
+    # needs, probed at the data's largest sample (its bucket's target + reference tokens) at the full batch,
+    # so no batch of this CSV exceeds the plan (a 512^2 set is not planned as if it held 1024^2 references).
+    probe_tokens, probe_key = largest_sample_tokens(keys)
+    ckpt = configure_checkpointing(transformer, cfg.model, batch=cfg.train.batch_size, image_tokens=probe_tokens,
                                    text_tokens=cfg.model.max_sequence_length,
                                    optimizer_state_bytes=adamw_state_bytes(params))
+    if ckpt["mode"] == "budget":
+        ckpt["probe"]["largest_bucket"] = f"target {probe_key[0]}x{probe_key[1]} + reference {probe_key[2]}x{probe_key[3]}"
     runtime.print0(f"[sft] activation checkpointing: {ckpt}")
     speed = apply_speed_options(transformer, cfg.model)
     speed += [f"fp8={cfg.model.fp8} ({len(fp8_layers)} layers)"] if fp8_layers else []
@@ -150,12 +155,10 @@ def _train(cfg, pipe=None) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay, **fused)
 
-    rows = read_csv(cfg.data.csv, cfg.data.base_path)
     store = PrecomputedStore(cfg.data.precomputed_dir, rows, cfg, fingerprint) if precomputed else None
     if store is not None:
         runtime.print0(f"[sft] precomputed conditioning: {len(set(store.shard_of))} shard(s) in "
                        f"{cfg.data.precomputed_dir}; text encoder and VAE not run for training")
-    keys = [bucket_key(r, cfg.data.max_pixels, cfg.data.multiple_of, cfg.data.reference_resize) for r in rows]
     batches_per_epoch = len(shard(make_batches(keys, cfg.train.batch_size, cfg.train.seed, 0, cfg.data.aspect_buckets),
                                   rank, world))
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)

@@ -44,8 +44,8 @@ class ModelConfig:
     gradient_checkpointing: bool = True  # per transformer block
     # Activation memory by budget (issue #17, docs/PERFORMANCE.md): 0 = off (gradient_checkpointing decides:
     # every block or none). A number = the peak GiB the training step may reach on each GPU; "auto" =
-    # activation_budget_fraction of the card's memory. Before step 0 a probe at the largest shape
-    # (data.max_pixels target + a 1024^2 reference, train.batch_size, 512 text tokens) measures the peak
+    # activation_budget_fraction of the card's memory. Before step 0 a probe at the CSV's largest sample
+    # (its bucket's target + reference tokens, train.batch_size, max_sequence_length) measures the peak
     # with every block checkpointed and the extra per un-checkpointed block, then as many blocks as fit run
     # without checkpointing. CUDA only (refused on CPU: pin checkpoint_blocks there).
     activation_budget_gib: Any = 0

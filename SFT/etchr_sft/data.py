@@ -111,6 +111,15 @@ def bucket_key(row: Row, max_pixels: int, multiple_of: int, reference_resize: st
     return (*target_size(*row.size, max_pixels, multiple_of), *reference_size(*row.ref_size, reference_resize))
 
 
+def largest_sample_tokens(keys: list) -> tuple[int, tuple]:
+    """(image tokens, key) of the largest sample the keys can feed: target + reference tokens (16 px a
+    token side: VAE /8, patchify /2). Batches hold one key each, so no batch has more per sample."""
+    if not keys:
+        raise DataError("no samples: the CSV has no rows to plan activation memory for")
+    key = max(keys, key=lambda k: (k[0] * k[1] + k[2] * k[3], k))
+    return (key[0] * key[1] + key[2] * key[3]) // 256, key
+
+
 def make_batches(keys: list, batch_size: int, seed: int, epoch: int, buckets: bool = True) -> list[list[int]]:
     """Deterministic batches of sample indices, each of one bucket (one target and reference size).
 

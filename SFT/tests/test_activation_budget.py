@@ -183,3 +183,48 @@ def test_trainer_partial_checkpointing_keeps_the_losses(tiny_models, sft_csv, tm
     res = run_train(args(tiny_models, sft_csv, tmp_path / "budget", "train.max_steps=1",
                          "model.activation_budget_gib=auto"))
     assert res.returncode == 2 and "needs the transformer on a CUDA device" in res.stderr, res.stderr[-2000:]
+
+
+def test_largest_sample_tokens_golden():
+    from etchr_sft.data import DataError, largest_sample_tokens
+
+    # (target W, H, reference W, H): 96*64 + 96*64 = 12288 px = 48 tokens; 80*64 + 128*96 = 17408 px = 68
+    assert largest_sample_tokens([(96, 64, 96, 64), (80, 64, 128, 96)]) == (68, (80, 64, 128, 96))
+    assert largest_sample_tokens([(512, 512, 512, 512)])[0] == 2048  # 1024 + 1024 tokens at 512^2
+    with pytest.raises(DataError, match="no samples"):
+        largest_sample_tokens([])
+
+
+def test_trainer_plans_memory_for_the_datas_largest_sample(tiny_models, tmp_path, monkeypatch):
+    """The budget probe is fed the CSV's largest bucket (target + reference tokens) at the full batch, not
+    max_pixels plus a 1024^2 reference: on an H200 the latter checkpointed 22 of 32 blocks at 512^2,
+    batch 4, where 50 of 76 GiB were used (docs/PERFORMANCE.md, "Scaling note")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sft_tests_conftest", SFT_DIR / "tests" / "conftest.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)  # the repository root has its own conftest module
+    write_sft_csv = fixtures.write_sft_csv
+    monkeypatch.syspath_prepend(str(SFT_DIR))
+    import train_sft
+
+    from etchr_sft.config import load_sft_config
+
+    csv = write_sft_csv(tmp_path / "data", n=4, sizes=((96, 64), (128, 96)))
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    def record(transformer, model_cfg, **kw):
+        seen.update(kw)
+        raise Planned
+
+    monkeypatch.setattr(train_sft, "configure_checkpointing", record)
+    cfg = load_sft_config(CONFIG, [f"model.pretrained_path={tiny_models.flux}", f"data.csv={csv}",
+                                   f"train.run_dir={tmp_path / 'run'}", "data.max_pixels=6144",
+                                   "train.batch_size=2", "model.max_sequence_length=16"])
+    with pytest.raises(Planned):
+        train_sft.train(cfg)
+    # 128x96 targets scale to 80x64 under max_pixels=6144 and keep their 128x96 reference: 68 tokens
+    assert seen["image_tokens"] == 68 and seen["batch"] == 2 and seen["text_tokens"] == 16
