@@ -261,5 +261,8 @@ def test_bench_rl_group_tiny_smoke(tiny_models, tmp_path):
     assert ours["micro_batch_sizes"] == [2] and ours["attention_backend"] == "_native_math"
     # fp32: batching, chunks, micro-batches and the math backend change only the rounding
     assert ours["logp_max_abs_diff"] < 1e-4 and ours["grad_rel_err"] < 1e-4
+    # LoRA B starts non-zero (--lora-b-std), so the gradient compared includes lora_A's (0 with peft's B = 0)
+    assert all(r["lora_A_grad_share"] > 1e-3 for r in variants.values())
+    assert ours["grad_rel_err_lora_A"] < 1e-4
     probe = next(r for r in rows if "attention_probe" in r)["attention_probe"]
     assert set(probe) == {"native", "_native_math"} and "error" not in probe["_native_math"]
