@@ -78,3 +78,20 @@ def test_every_compiled_variant_passes_the_trainers_cuda_check():
                               [f"{k}={v}" for k, v in overrides.items()  # bench-resolved values left out
                                if not str(v).startswith("@") and v != "best"])
         check_compiled_backward(cfg.model, "cuda")  # raises ConfigError if the variant would be refused
+
+
+def test_a_compiled_variant_does_not_leave_compiled_blocks_to_the_next(tmp_path):
+    """Module.compile is permanent: without the bench's reset a block compiled by one variant stays compiled
+    when the next variant checkpoints it, the wrong-gradient path of PERFORMANCE.md's "Compiled backward"."""
+    out = tmp_path / "results.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "bench_sft_step.py"), "--tiny",
+                          "--steps", "1", "--warmup", "1", "--num-workers", "0",
+                          "--define", "c_plain=model.checkpoint_blocks=[0,0],model.compile=true",
+                          "--define", "c_half=model.checkpoint_blocks=[1,1],model.compile=true",
+                          "--variants", "c_plain,c_half", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    variants = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines()) if "variant" in r}
+    assert variants["c_plain"]["compiled_blocks"] == {"compiled": 4, "compiled_and_checkpointed": 0, "blocks": 4}
+    assert variants["c_half"]["compiled_blocks"] == {"compiled": 2, "compiled_and_checkpointed": 0, "blocks": 4}

@@ -311,6 +311,7 @@ def ours(pipe, csv_path: Path, run_dir: Path, args, overrides: dict) -> dict:
     try:
         out = train_sft.train(cfg, pipe=pipe)
         extract_model_from_parallel(out["transformer"], keep_fp32_wrapper=False)
+        compiled_blocks = compile_state(pipe.transformer)
     finally:  # also after a failure: the next variant starts from the plain model
         t = pipe.transformer
         from etchr_sft.fp8 import undo_fp8
@@ -321,6 +322,10 @@ def ours(pipe, csv_path: Path, run_dir: Path, args, overrides: dict) -> dict:
         if t.gradient_checkpointing:
             t.disable_gradient_checkpointing()
         t.set_attention_backend("native")
+        for block in list(t.transformer_blocks) + list(t.single_transformer_blocks):
+            # Module.compile is permanent; a block compiled here may be checkpointed in the next variant's plan,
+            # and a compiled block under the checkpoint wrapper trains on wrong gradients (PERFORMANCE.md)
+            block._compiled_call_impl = None
         if precompute_stats is not None:
             device = t.device
             pipe.text_encoder.to(device)
@@ -330,8 +335,20 @@ def ours(pipe, csv_path: Path, run_dir: Path, args, overrides: dict) -> dict:
     plans = [r["activation_checkpointing"] for r in rows if "activation_checkpointing" in r]
     per_step = cfg.train.batch_size * cfg.train.grad_accum  # samples in one optimizer step (train.batch_size > 1)
     times = [r["step_time_s"] / per_step for r in steps[args.warmup:]]
-    return {"times": times, "samples_per_step": per_step, "losses": [r["loss"] for r in steps], "activation_checkpointing": plans[-1] if plans else None,
+    return {"times": times, "samples_per_step": per_step, "losses": [r["loss"] for r in steps],
+            "activation_checkpointing": plans[-1] if plans else None, "compiled_blocks": compiled_blocks,
             **({"precompute": precompute_stats} if precompute_stats is not None else {})}
+
+
+def compile_state(transformer) -> dict:
+    """How many blocks ran compiled, and how many of those were checkpointed (0 unless compile_trust_backward)."""
+    from etchr_sft.model import checkpointed_block_ids
+
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    ckpt = checkpointed_block_ids(transformer)
+    compiled = [b for b in blocks if b._compiled_call_impl is not None]
+    return {"compiled": len(compiled), "compiled_and_checkpointed": sum(id(b) in ckpt for b in compiled),
+            "blocks": len(blocks)}
 
 
 def loss_comparison(losses: list, ref: list | None, n: int) -> dict:
@@ -473,6 +490,8 @@ def main(argv=None) -> int:
                 row["samples_per_step"] = res["samples_per_step"]  # "times" are per sample, the losses per optimizer step
             if res.get("activation_checkpointing") is not None:
                 row["activation_checkpointing"] = res["activation_checkpointing"]
+            if res.get("compiled_blocks", {}).get("compiled"):
+                row["compiled_blocks"] = res["compiled_blocks"]
             pre = res.get("precompute")
             if pre:  # the honest end-to-end figure: the step plus the precompute's own batched cost per sample
                 row["precompute"] = pre
