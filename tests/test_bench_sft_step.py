@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -95,3 +97,24 @@ def test_a_compiled_variant_does_not_leave_compiled_blocks_to_the_next(tmp_path)
     variants = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines()) if "variant" in r}
     assert variants["c_plain"]["compiled_blocks"] == {"compiled": 4, "compiled_and_checkpointed": 0, "blocks": 4}
     assert variants["c_half"]["compiled_blocks"] == {"compiled": 2, "compiled_and_checkpointed": 0, "blocks": 4}
+
+
+def test_bench_fp8_layer_refuses_without_an_fp8_gpu():
+    """GPU-only: where fp8 cannot run it exits 2 naming what is missing, before building anything."""
+    import importlib.util
+
+    if torch_cuda_fp8():
+        pytest.skip("this machine can run fp8")
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "bench_fp8_layer.py"), "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    missing = "needs torchao" if importlib.util.find_spec("torchao") is None else "needs a CUDA GPU"
+    assert res.returncode == 2 and missing in res.stderr and "model.fp8=none" in res.stderr, res.stderr[-2000:]
+
+
+def torch_cuda_fp8() -> bool:
+    import importlib.util
+
+    import torch
+
+    return (importlib.util.find_spec("torchao") is not None and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (8, 9))

@@ -66,7 +66,8 @@ class ModelConfig:
     compile: bool = False
     attention_backend: str = "native"
     # fp8 matmuls for the frozen base under LoRA (issue #17; etchr_rl/fp8.py): none | float8_rowwise |
-    # float8_tensorwise (torchao float8 training recipes), rollouts and training alike; LoRA A/B stay bf16.
+    # float8_tensorwise (torchao recipes, the discarded weight gradient in bf16: fp8.float8_config), rollouts
+    # and training alike; LoRA A/B stay bf16.
     # Needs torchao and a CUDA GPU of compute capability >= 8.9; refused before loading otherwise.
     fp8: str = "none"
 

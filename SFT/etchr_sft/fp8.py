@@ -5,8 +5,10 @@ for torchao's float8 training Linear (torchao.float8.convert_to_float8_training 
 name). Its forward and its input-gradient matmul run in float8 (e4m3, dynamic scales per row or per
 tensor); the LoRA A/B matrices, everything outside the LoRA layers and the optimizer stay in bf16 / fp32.
 torchao's autograd function (torchao/float8/float8_linear.py) also forms the weight-gradient matmul, which a
-frozen base discards: eager it is computed and thrown away; under model.compile it is an unused output of the
-traced backward, which the graph partitioner should drop (not measured).
+frozen base discards. In the recipe that matmul runs in float8, and torch._scaled_mm needs its inner dimension,
+the batch's token count, to be a multiple of 16: RL at 720^2 (4 x 4562 tokens) failed there on an H200
+(docs/PERFORMANCE.md, "Round three, second session"). So float8_config turns the weight-gradient casts off:
+that discarded matmul runs in bf16 at any shape; the forward and input-gradient matmuls keep the recipe's float8.
 
 Only base layers whose in and out features are multiples of 16 are converted (the fp8 matmul's alignment;
 the same rule as Evaluation's editor). Full fine-tuning is refused (this switch is for the frozen base;
@@ -69,6 +71,25 @@ def fp8_layer_names(transformer) -> list[str]:
     return names
 
 
+def float8_config(mode: str, *, emulate: bool = False):
+    """torchao's Float8LinearConfig for `mode` on a frozen base: the recipe's casts for the forward and the
+    input-gradient matmuls, and none for the weight-gradient matmul (computed by torchao, discarded for a
+    frozen weight), so that one runs in the input's precision at any token count. `emulate` = torchao's
+    emulation (no float8 kernels; for CPU tests)."""
+    import dataclasses
+
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.config import CastConfig, ScalingType
+
+    recipe = Float8LinearConfig.from_recipe_name(_RECIPES[mode])  # its __post_init__ fills the target dtypes
+    return dataclasses.replace(
+        recipe, emulate=emulate,
+        cast_config_input_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED,
+                                                     target_dtype=recipe.cast_config_input.target_dtype),
+        cast_config_grad_output_for_grad_weight=CastConfig(scaling_type=ScalingType.DISABLED,
+                                                           target_dtype=recipe.cast_config_grad_output.target_dtype))
+
+
 def apply_fp8(transformer, mode: str) -> list[str]:
     """Convert the layers of fp8_layer_names to torchao float8 training Linear layers with the recipe of
     `mode` (after LoRA is attached, before gradient checkpointing's wrapper and torch.compile). Returns the
@@ -76,13 +97,13 @@ def apply_fp8(transformer, mode: str) -> list[str]:
     if mode == "none":
         return []
     check_fp8(mode)
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
 
     names = fp8_layer_names(transformer)
     if not names:
         raise Fp8Unavailable(f"model.fp8={mode}: no LoRA base layer with in/out features divisible by 16 to convert")
     chosen = set(names)
-    convert_to_float8_training(transformer, config=Float8LinearConfig.from_recipe_name(_RECIPES[mode]),
+    convert_to_float8_training(transformer, config=float8_config(mode),
                                module_filter_fn=lambda module, fqn: fqn in chosen)
     converted = [n for n, m in transformer.named_modules() if n in chosen and type(m).__name__ == "Float8Linear"]
     if len(converted) != len(names):
