@@ -103,7 +103,7 @@ def test_bench_fp8_layer_refuses_without_an_fp8_gpu():
     """GPU-only: where fp8 cannot run it exits 2 naming what is missing, before building anything."""
     import importlib.util
 
-    if torch_cuda_fp8():
+    if _can_run_fp8():
         pytest.skip("this machine can run fp8")
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "bench_fp8_layer.py"), "--repeats", "1"],
                          capture_output=True, text=True, timeout=300)
@@ -111,7 +111,7 @@ def test_bench_fp8_layer_refuses_without_an_fp8_gpu():
     assert res.returncode == 2 and missing in res.stderr and "model.fp8=none" in res.stderr, res.stderr[-2000:]
 
 
-def torch_cuda_fp8() -> bool:
+def _can_run_fp8() -> bool:
     import importlib.util
 
     import torch

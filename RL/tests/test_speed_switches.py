@@ -238,7 +238,6 @@ def test_checkpointed_blocks_train_eagerly_under_compile(tiny_models):
     assert calls == [1, 2, 2, 2]
 
 
-
 # ---------------------------------------------------------------------------------------------- bench
 def test_bench_rl_group_tiny_smoke(tiny_models, tmp_path):
     out = tmp_path / "bench.jsonl"

@@ -322,7 +322,7 @@ def ours(pipe, csv_path: Path, run_dir: Path, args, overrides: dict) -> dict:
         if t.gradient_checkpointing:
             t.disable_gradient_checkpointing()
         t.set_attention_backend("native")
-        for block in list(t.transformer_blocks) + list(t.single_transformer_blocks):
+        for block in _blocks(t):
             # Module.compile is permanent; a block compiled here may be checkpointed in the next variant's plan,
             # and a compiled block under the checkpoint wrapper trains on wrong gradients (PERFORMANCE.md)
             block._compiled_call_impl = None
@@ -340,11 +340,15 @@ def ours(pipe, csv_path: Path, run_dir: Path, args, overrides: dict) -> dict:
             **({"precompute": precompute_stats} if precompute_stats is not None else {})}
 
 
+def _blocks(transformer) -> list:
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
+
 def compile_state(transformer) -> dict:
     """How many blocks ran compiled, and how many of those were checkpointed (0 unless compile_trust_backward)."""
     from etchr_sft.model import checkpointed_block_ids
 
-    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    blocks = _blocks(transformer)
     ckpt = checkpointed_block_ids(transformer)
     compiled = [b for b in blocks if b._compiled_call_impl is not None]
     return {"compiled": len(compiled), "compiled_and_checkpointed": sum(id(b) in ckpt for b in compiled),
